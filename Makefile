@@ -1,0 +1,28 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv, install the
+# CPU torch wheel first (so pip never pulls a multi-GB CUDA build), then the package.
+# On a GPU machine override the pin, e.g. `make test TORCH_SPEC=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.megatron-mile-installed
+
+.PHONY: setup demo test bench
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PYTHON=$(PY) bash examples/pretrain_tiny_cpu.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/loss_bench.py

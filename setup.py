@@ -1,0 +1,28 @@
+"""megatron-mile: MiLe-loss pretraining of LLaMA-style GPT models on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-mile",
+    version="0.1.0",
+    description="Megatron-core pretraining with the MiLe, focal and cross-entropy losses",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_mile", "megatron_mile.*"]),
+    package_data={"megatron_mile": ["configs/*.json"]},
+    install_requires=[
+        # 0.16.1 is the newest megatron-core that installs on Python 3.11.
+        "megatron-core==0.16.1",
+        "torch",
+        "numpy",
+        "sentencepiece",
+        "zstandard",
+        "tensorboard",
+    ],
+    extras_require={
+        # Apex (fused Adam / layer norm) is a source build; megatron-core uses it when importable.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "eval": ["lm-eval", "transformers", "safetensors"],
+        "test": ["pytest", "tokenizers", "transformers", "safetensors", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["megatron-mile-train=megatron_mile.train:main"]},
+)
