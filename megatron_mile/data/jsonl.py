@@ -1,0 +1,125 @@
+"""Streaming reader for JSONL, ``.jsonl.zst`` and ``.jsonl.gz``: blocks of whole lines, never a whole file.
+
+Decompression is driven by hand (``decompressobj``) rather than through a stream reader because
+``zstandard``'s stream reader reports a truncated frame as a clean end of file; here a stream that
+stops mid-frame raises :class:`TruncatedInput`, after every complete line before it was yielded.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+READ_SIZE = 1 << 20
+# The Pile's shards were compressed with long windows; allow up to 2 GiB like `zstd --long=31`.
+_ZSTD_MAX_WINDOW = 1 << 31
+
+
+class TruncatedInput(Exception):
+    """The compressed stream ended (or broke) before its end-of-frame marker."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """Consecutive whole lines of one file; ``first_line`` is the 1-based number of its first line."""
+
+    path: str
+    first_line: int
+    data: bytes
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Files and globs, in the order given, each glob sorted; a pattern matching nothing is an error."""
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise ValueError(f"--input {pattern}: no such file")
+        files.extend(m for m in matches if m not in files)
+    return files
+
+
+def _zst_chunks(f: BinaryIO) -> Iterator[bytes]:
+    dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+    dobj, fed = dctx.decompressobj(), False
+    while raw := f.read(READ_SIZE):
+        while raw:
+            try:
+                out = dobj.decompress(raw)
+            except zstandard.ZstdError as exc:
+                raise TruncatedInput(f"corrupt zst stream ({exc})") from None
+            fed = True
+            if out:
+                yield out
+            if dobj.eof:  # concatenated frames: restart on the bytes after this one
+                raw, dobj, fed = dobj.unused_data, dctx.decompressobj(), False
+            else:
+                raw = b""
+    if fed and not dobj.eof:
+        raise TruncatedInput("truncated zst stream")
+
+
+def _gz_chunks(f: BinaryIO) -> Iterator[bytes]:
+    dobj, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
+    while raw := f.read(READ_SIZE):
+        while raw:
+            try:
+                out = dobj.decompress(raw)
+            except zlib.error as exc:
+                raise TruncatedInput(f"corrupt gz stream ({exc})") from None
+            fed = True
+            if out:
+                yield out
+            if dobj.eof:  # multi-member gzip
+                raw, dobj, fed = dobj.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS), False
+            else:
+                raw = b""
+    if fed and not dobj.eof:
+        raise TruncatedInput("truncated gz stream")
+
+
+def _plain_chunks(f: BinaryIO) -> Iterator[bytes]:
+    while raw := f.read(READ_SIZE):
+        yield raw
+
+
+def decompressed_chunks(path: str) -> Iterator[bytes]:
+    """Raw decompressed bytes of ``path``, chosen by extension (.zst / .gz / anything else plain)."""
+    reader = _zst_chunks if path.endswith(".zst") else _gz_chunks if path.endswith(".gz") else _plain_chunks
+    with open(path, "rb") as f:
+        yield from reader(f)
+
+
+def read_blocks(path: str, block_bytes: int = 1 << 20) -> Iterator[Block]:
+    """Yield blocks of about ``block_bytes`` whole lines.
+
+    On a truncated stream, the complete lines before the break are yielded, then ``TruncatedInput``
+    is raised with ``.line`` set to the number of the partial (lost) line.
+    """
+    pending = bytearray()
+    line = 1
+    try:
+        for chunk in decompressed_chunks(path):
+            pending += chunk
+            if len(pending) >= block_bytes:
+                cut = pending.rfind(b"\n") + 1
+                if cut:
+                    data = bytes(pending[:cut])
+                    del pending[:cut]
+                    yield Block(path, line, data)
+                    line += data.count(b"\n")
+    except TruncatedInput as exc:
+        cut = pending.rfind(b"\n") + 1
+        if cut:
+            yield Block(path, line, bytes(pending[:cut]))
+            line += pending.count(b"\n", 0, cut)
+        exc.line = line
+        raise
+    if pending:
+        yield Block(path, line, bytes(pending))
