@@ -1,0 +1,221 @@
+"""Model presets and the megatron-core GPTModel builder (LLaMA-style).
+
+Every preset is a LLaMA: RMSNorm (eps 1e-5), SwiGLU MLP, RoPE, untied input and output
+embeddings, no biases, and N(0, 0.01) initialisation of every matrix, the paper's
+Hugging Face ``initializer_range`` (so no depth-scaled init on the output projections).
+
+Initialisation is *layout invariant*: every logical weight element gets its value from a
+generator keyed by (seed, global parameter name), and each rank copies out its own
+TP/PP shard. The same seed therefore gives the same model at TP=1, TP=2, PP=2, …,
+which is what lets runs at different layouts be compared step for step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import zlib
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+log = logging.getLogger(__name__)
+
+INIT_STD = 0.01
+VOCAB_PAD_MULTIPLE = 128
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    seq_length: int
+
+
+# The paper's architectures (reference model_config_*.json), plus a few-MB CPU model.
+PRESETS: dict[str, ModelShape] = {
+    "tiny": ModelShape(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=176, seq_length=128),
+    "468M": ModelShape(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096, seq_length=1024),
+    "1.2B": ModelShape(num_layers=16, hidden_size=2048, num_attention_heads=8, ffn_hidden_size=8192, seq_length=1024),
+    "6.7B": ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008, seq_length=2048),
+}
+
+
+def resolve_shape(preset: str, **overrides: int | None) -> ModelShape:
+    """A preset with explicit ``--num-layers``-style values (not None) on top."""
+    if preset not in PRESETS:
+        raise ValueError(f"--model-preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
+    """megatron pads the embedding rows to a multiple of 128 × TP so every shard is aligned."""
+    multiple = VOCAB_PAD_MULTIPLE * tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp: int | None = None,
+                             sequence_parallel: bool = False, bf16: bool = False,
+                             recompute_activations: bool = False) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    init = torch.nn.init.normal_
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method=lambda w: init(w, mean=0.0, std=INIT_STD),
+        output_layer_init_method=lambda w: init(w, mean=0.0, std=INIT_STD),
+        init_method_std=INIT_STD,
+        # megatron's own init also tags the TP attributes (partition_dim, …) that grad-norm
+        # and the optimizer rely on; `initialize_weights` then redraws layout-invariantly.
+        perform_initialization=True,
+        use_cpu_initialization=not on_gpu,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        # Fused kernels exist only on CUDA.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=on_gpu,
+        # `batch_p2p_sync` wraps p2p in torch.cuda.synchronize(); gloo has nothing to sync.
+        batch_p2p_sync=on_gpu,
+        deallocate_pipeline_outputs=True,
+        recompute_granularity="full" if recompute_activations else None,
+        recompute_method="uniform" if recompute_activations else None,
+        recompute_num_layers=1 if recompute_activations else None,
+    )
+
+
+def layer_spec(config: TransformerConfig):
+    """Transformer Engine's spec (fused kernels, flash attention) on CUDA when installed."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_engine_available():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+
+
+def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: int, seed: int,
+                       device: torch.device) -> list[GPTModel]:
+    """This rank's GPTModel chunks (one, or one per virtual stage with interleaving)."""
+    tp = config.tensor_model_parallel_size
+    vp = config.virtual_pipeline_model_parallel_size
+    spec = layer_spec(config)
+    chunks = []
+    for vp_stage in range(vp or 1):
+        stage = vp_stage if vp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(vocab_size, tp),
+            max_sequence_length=seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            vp_stage=stage,
+        )
+        model.to(device)
+        initialize_weights(model, seed, vocab_size)
+        chunks.append(model)
+    return chunks
+
+
+# ----------------------------------------------------------------- layout-invariant init
+
+_LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _global_names(model: GPTModel) -> dict[str, torch.nn.Parameter]:
+    """Parameters keyed by a name that is the same at every TP/PP/VP layout."""
+    layer_numbers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TransformerLayer):
+            layer_numbers[name] = module.layer_number - 1
+    named = {}
+    for name, param in model.named_parameters():
+        match = _LAYER_PREFIX.match(name)
+        if match:
+            global_layer = layer_numbers[f"decoder.layers.{match.group(1)}"]
+            name = f"decoder.layers.{global_layer}.{name[match.end():]}"
+        named[name] = param
+    return named
+
+
+def _local_rows(full: torch.Tensor, dim: int, rank: int, world: int, gated: bool) -> torch.Tensor:
+    """This TP rank's slice of a full weight; SwiGLU fc1 holds [gate_r; up_r] per rank."""
+    if not gated:
+        return full.chunk(world, dim=dim)[rank]
+    gate, up = full.chunk(2, dim=dim)
+    return torch.cat([gate.chunk(world, dim=dim)[rank], up.chunk(world, dim=dim)[rank]], dim=dim)
+
+
+@torch.no_grad()
+def initialize_weights(model: GPTModel, seed: int, vocab_size: int) -> None:
+    """Draw every matrix from N(0, INIT_STD) keyed by (seed, global name); norms start at 1.
+
+    Embedding and output rows past the true vocabulary are padding and start at 0.
+    """
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in _global_names(model).items():
+        if param.dim() == 1:  # RMSNorm scales
+            param.fill_(1.0)
+            continue
+        sharded = getattr(param, "tensor_model_parallel", False)
+        dim = param.partition_dim if sharded else 0
+        full_shape = list(param.shape)
+        if sharded:
+            full_shape[dim] *= tp
+        is_vocab = name in ("embedding.word_embeddings.weight", "output_layer.weight")
+        drawn_shape = list(full_shape)
+        if is_vocab:
+            drawn_shape[0] = vocab_size
+        device = param.device
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.zeros(full_shape, dtype=torch.float32, device=device)
+        full[: drawn_shape[0]] = torch.randn(drawn_shape, generator=generator, device=device) * INIT_STD
+        local = _local_rows(full, dim, tp_rank, tp, gated=name.endswith("mlp.linear_fc1.weight")) if sharded else full
+        param.copy_(local.to(param.dtype))
+
+
+def count_parameters(shape: ModelShape, vocab_size: int) -> int:
+    """Total parameters of a preset (untied embeddings, SwiGLU, RMSNorm, no biases)."""
+    h, f, layers = shape.hidden_size, shape.ffn_hidden_size, shape.num_layers
+    per_layer = 4 * h * h + 3 * h * f + 2 * h
+    return layers * per_layer + h + 2 * vocab_size * h

@@ -1,0 +1,246 @@
+"""Distributed start-up, and the layer that lets megatron-core 0.16.1 run on CPU.
+
+``initialize()`` is the one entry point: it starts ``torch.distributed`` from the
+torchrun environment (NCCL with CUDA, gloo without), builds megatron-core's
+tensor/pipeline/data-parallel groups and seeds every RNG.
+
+On a machine without CUDA it first calls ``enable_cpu_compat()``. megatron-core
+hard-codes CUDA in a handful of places that the GPT model, the pipeline schedules,
+DDP and the optimizer touch; each patch below names the place and why. Nothing is
+patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothing.
+
+1. ``torch.cuda.current_device()`` answers ``cpu``: megatron-core allocates with
+   ``device=torch.cuda.current_device()`` in ``RotaryEmbedding``, ``GlobalMemoryBuffer``,
+   the DDP grad buffers and the pipeline p2p shape exchange.
+2. The "CUDA" RNG is the CPU generator: ``torch.cuda.get_rng_state``/``manual_seed`` and
+   ``tensor_parallel.random._get/_set_cuda_rng_state`` (used by the RNG tracker's
+   ``add``/``fork`` and by activation recomputation) read and write the CPU state.
+3. Literal ``device="cuda"`` tensors, in ``transformer.utils.get_default_causal_mask``,
+   in the three pipeline schedules (the token counter), in the grad-norm helpers and in
+   the optimizers' constructors (loss-scale and found-inf scalars), are created on the
+   CPU: those functions run under a torch-function mode that rewrites CUDA devices to
+   ``cpu``.
+4. ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; on CPU the
+   optimizer uses an equivalent that scales the grads in place with ``torch._foreach_mul_``.
+
+Two more CUDA assumptions are configuration, not patches, and live where the config is
+built (``megatron_mile.model``): the distributed optimizer (it needs reduce-scatter on
+CUDA tensors) falls back to the plain optimizer with a log line, and
+``batch_p2p_sync`` (a ``torch.cuda.synchronize()`` around p2p) is turned off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_cpu_compat_enabled = False
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- CPU layer
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's device arguments.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaDevicesOnCpu(TorchFunctionMode):
+    """Rewrites ``device=cuda`` (and ``pin_memory``) in torch calls to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if kwargs.get("pin_memory"):
+            kwargs = {**kwargs, "pin_memory": False}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+def _cuda_literals_on_cpu(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _CudaDevicesOnCpu():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm: float, total_norm: float,
+                                 use_decoupled_grad: bool = False) -> None:
+    """CPU twin of megatron-core's ``clip_grad_by_total_norm_fp32`` (same scaling rule)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def enable_cpu_compat() -> bool:
+    """Apply the CPU patches listed in the module docstring. Returns True if applied.
+
+    Idempotent, and a no-op (returning False) when CUDA is available.
+    """
+    global _cpu_compat_enabled
+    if has_cuda():
+        return False
+    if _cpu_compat_enabled:
+        return True
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    # 1. The "current device" is the CPU.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+    # 2. The CUDA RNG is the CPU generator.
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.manual_seed = torch.manual_seed
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    # 3. Literal device="cuda" tensors.
+    causal_mask = _cuda_literals_on_cpu(transformer_utils.get_default_causal_mask)
+    transformer_utils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
+    for name in ("forward_backward_no_pipelining",
+                 "forward_backward_pipelining_without_interleaving",
+                 "forward_backward_pipelining_with_interleaving"):
+        setattr(schedules, name, _cuda_literals_on_cpu(getattr(schedules, name)))
+    for name in ("get_grad_norm_fp32", "count_zeros_fp32"):
+        patched = _cuda_literals_on_cpu(getattr(clip_grads, name))
+        setattr(clip_grads, name, patched)
+        setattr(mcore_optimizer, name, patched)
+
+    for cls in (mcore_optimizer.FP32Optimizer, mcore_optimizer.MixedPrecisionOptimizer):
+        cls.__init__ = _cuda_literals_on_cpu(cls.__init__)
+
+    # 4. The CUDA-typed grad assertion in clipping.
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    _cpu_compat_enabled = True
+    log.info("megatron-core CPU compatibility layer enabled (no CUDA on this machine)")
+    return True
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp: int
+    pp: int
+    dp: int
+    vp: int | None
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The last rank holds the last pipeline stage, so it sees the loss."""
+        return self.rank == self.world_size - 1
+
+
+def _init_process_group(timeout_minutes: int) -> None:
+    if dist.is_initialized():
+        return
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            # A single process without torchrun: a world of one on a local port.
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            break
+    import datetime
+
+    backend = "nccl" if has_cuda() else "gloo"
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_minutes)}
+    if has_cuda():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group(**kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; megatron's tracker gets per-TP-rank model-parallel seeds."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    # Pipeline stages draw different streams, as in Megatron-LM.
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+               virtual_pipeline_model_parallel_size: int | None = None, seed: int = 1234,
+               timeout_minutes: int = 10) -> Runtime:
+    """Start distributed, build megatron-core's parallel groups and seed the RNGs."""
+    from megatron.core import parallel_state
+
+    _init_process_group(timeout_minutes)
+    enable_cpu_compat()
+    world_size = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(f"world size {world_size} is not divisible by "
+                         f"tensor-model-parallel-size × pipeline-model-parallel-size = {model_parallel}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        )
+    seed_everything(seed)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return Runtime(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        device=torch.device("cuda", local_rank) if has_cuda() else torch.device("cpu"),
+        tp=tensor_model_parallel_size,
+        pp=pipeline_model_parallel_size,
+        dp=world_size // model_parallel,
+        vp=virtual_pipeline_model_parallel_size,
+    )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
