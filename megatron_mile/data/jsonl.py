@@ -107,13 +107,16 @@ def read_blocks(path: str, block_bytes: int = 1 << 20) -> Iterator[Block]:
     try:
         for chunk in decompressed_chunks(path):
             pending += chunk
-            if len(pending) >= block_bytes:
-                cut = pending.rfind(b"\n") + 1
-                if cut:
-                    data = bytes(pending[:cut])
-                    del pending[:cut]
-                    yield Block(path, line, data)
-                    line += data.count(b"\n")
+            # Decompressed chunks can be many MB: cut them into blocks of about block_bytes each,
+            # so workers get even shares (a line longer than block_bytes makes a block of its own).
+            while len(pending) >= block_bytes:
+                cut = (pending.rfind(b"\n", 0, block_bytes) + 1) or (pending.find(b"\n", block_bytes) + 1)
+                if not cut:
+                    break
+                data = bytes(pending[:cut])
+                del pending[:cut]
+                yield Block(path, line, data)
+                line += data.count(b"\n")
     except TruncatedInput as exc:
         cut = pending.rfind(b"\n") + 1
         if cut:

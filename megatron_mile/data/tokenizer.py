@@ -80,7 +80,8 @@ class SentencePieceTokenizer(_Tokenizer):
         return self._sp.encode(text)
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
+        # One thread: parallelism comes from preprocessing workers, and threads would oversubscribe them.
+        return self._sp.encode(list(texts), num_threads=1)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
