@@ -1,0 +1,218 @@
+"""Forward+backward time and peak extra memory of the LM losses on CPU, as ratios to megatron-core.
+
+    python benchmarks/loss_bench.py                 # 2048 x 32000 fp32 logits, TP=1 and TP=2 (gloo)
+    python benchmarks/loss_bench.py --rows 256      # a quicker look
+
+Cases: megatron-core's ``vocab_parallel_cross_entropy`` (the baseline); this project's CE, focal
+and MiLe through ``weighted_lm_loss``, in place and out of place; and, at TP=1 only (it has no
+tensor parallelism), the original MiLe trainer's computation: a full-vocabulary softmax of the
+detached logits, clamp to [1e-8, 1], log, product and sum for the entropy, plus
+``F.cross_entropy`` for the CE.
+
+Every rank runs one intra-op thread. The logits come out of an autograd node whose backward
+drops the gradient, as the output layer would consume it, so a gradient buffer counts while it
+lives; each repetition starts from a fresh copy of the same logits.
+
+Time: median over ``--repeats`` of the wall time of forward+backward on rank 0, all cases
+interleaved in one process group per TP size (after one warm-up round), a barrier before each.
+
+Memory: each case runs in a fresh process group started with ``MALLOC_MMAP_THRESHOLD_=65536``,
+so every buffer above 64 KiB is its own mmap and goes back to the OS when freed. After a warm-up
+call, ``/proc/self/clear_refs`` (``5``) resets the high-water mark and the peak extra memory is
+``VmHWM - VmRSS`` across one forward+backward, i.e. pages really touched, divided by the bytes of
+this rank's logits (the maximum over ranks). This needs Linux; it counts every allocation, not
+only torch tensors, and rounds to pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+CASES = ["megatron_ce", "ce_inplace", "ce", "focal_inplace", "focal", "mile_inplace", "mile", "original_mile"]
+
+
+def original_mile(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                  sigma: float = 1.0) -> torch.Tensor:
+    """The original trainer's MiLe loss at DP=1 (its alpha is 1 / mean of w over all positions)."""
+    p = torch.softmax(logits.detach().float(), dim=-1).clamp(1e-8, 1.0)
+    entropy = -(p * torch.log(p)).sum(-1)
+    w = (sigma + entropy) ** gamma
+    ce = F.cross_entropy(logits.float(), target, reduction="none") * mask
+    return (w / w.mean() * ce).mean()
+
+
+def loss_fn(case: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_mile.loss import weighted_lm_loss
+
+    if case == "megatron_ce":
+        return lambda x, t, m: (vocab_parallel_cross_entropy(x, t) * m).sum() / m.sum()
+    if case == "original_mile":
+        return original_mile
+    kind, _, inplace = case.partition("_")
+    return lambda x, t, m: weighted_lm_loss(x, t, m, kind=kind, inplace=bool(inplace))[0]
+
+
+class _Setup:
+    """This rank's logits shard, targets and mask, and a producer node that drops the gradient."""
+
+    def __init__(self, rows: int, vocab: int, tp: int, rank: int):
+        gen = torch.Generator().manual_seed(0)
+        full_target = torch.randint(0, vocab, (rows,), generator=gen)
+        part = vocab // tp
+        self.source = (2 * torch.randn(rows, part, generator=torch.Generator().manual_seed(1 + rank)))
+        self.buffer = torch.empty_like(self.source)
+        self.target, self.mask = full_target, torch.ones(rows)
+        self.anchor = torch.zeros((), requires_grad=True)
+        buffer = self.buffer
+
+        class Produce(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, _anchor):
+                return buffer.detach()
+
+            @staticmethod
+            def backward(ctx, grad):
+                return None
+
+        self.produce = Produce
+
+    def run(self, fn) -> None:
+        fn(self.produce.apply(self.anchor), self.target, self.mask).backward()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def _worker(rank: int, tp: int, store: str, mode: str, cases: list[str], rows: int, vocab: int,
+            repeats: int, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=tp)
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    setup = _Setup(rows, vocab, tp, rank)
+    fns = {case: loss_fn(case) for case in cases}
+    out: dict[str, object] = {}
+    if mode == "time":
+        times: dict[str, list[float]] = {case: [] for case in cases}
+        for rep in range(repeats + 1):  # round 0 is a warm-up
+            for case in cases:
+                setup.buffer.copy_(setup.source)
+                dist.barrier()
+                start = time.perf_counter()
+                setup.run(fns[case])
+                if rep:
+                    times[case].append(time.perf_counter() - start)
+        out = {case: statistics.median(ts) for case, ts in times.items()}
+    else:
+        (case,) = cases
+        setup.buffer.copy_(setup.source)
+        setup.run(fns[case])
+        setup.buffer.copy_(setup.source)
+        dist.barrier()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS")
+        setup.run(fns[case])
+        out = {case: (_rss_kib("VmHWM") - base) * 1024 / setup.buffer.nbytes}
+    results.put((rank, out))
+    dist.destroy_process_group()
+
+
+def spawn(tp: int, mode: str, cases: list[str], args: argparse.Namespace) -> list[dict[str, float]]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if mode == "memory":
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_worker, args=(r, tp, os.path.join(tmp, "store"), mode, cases, args.rows,
+                                                   args.vocab, args.repeats, results)) for r in range(tp)]
+        for p in procs:
+            p.start()
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+        outs = dict(results.get(timeout=1800) for _ in procs)
+        for p in procs:
+            p.join()
+    return [outs[r] for r in range(tp)]
+
+
+def cpu_model() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return re.search(r"Model name:\s+(.*)", text).group(1).strip()
+    except (OSError, subprocess.CalledProcessError, AttributeError):
+        return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+
+    table: dict[int, dict[str, tuple[float, float]]] = {}
+    for tp in args.tp:
+        cases = [c for c in CASES if tp == 1 or c != "original_mile"]
+        times = spawn(tp, "time", cases, args)[0]
+        memory = {case: max(r[case] for r in spawn(tp, "memory", [case], args)) for case in cases}
+        table[tp] = {case: (times[case], memory[case]) for case in cases}
+
+    print(f"`python benchmarks/loss_bench.py {' '.join(sys.argv[1:])}`".replace(" `", "`"))
+    print(f"{args.rows} x {args.vocab} fp32 logits, fwd+bwd, 1 thread per rank, median of {args.repeats}; "
+          f"torch {torch.__version__}; CPU: {cpu_model()}, {os.cpu_count()} cores; "
+          f"load average at the end {os.getloadavg()[0]:.2f}\n")
+    header = "| case |" + "".join(f" TP={tp} time ms | TP={tp} time / megatron | TP={tp} peak extra / logits |"
+                                  for tp in table)
+    print(header)
+    print("|" + "---|" * (1 + 3 * len(table)))
+    for case in CASES:
+        cells = []
+        for tp, rows in table.items():
+            if case not in rows:
+                cells.append(" n/a | n/a | n/a |")
+                continue
+            seconds, extra = rows[case]
+            base = rows["megatron_ce"][0]
+            cells.append(f" {1e3 * seconds:.0f} | {seconds / base:.2f}x | {extra:.3f}x |")
+        print(f"| {case} |" + "".join(cells))
+
+    print()
+    for tp, rows in table.items():
+        t, m = rows["mile_inplace"][0] / rows["megatron_ce"][0], rows["mile_inplace"][1]
+        checks = [f"MiLe in-place time {t:.2f}x megatron CE (target <= 1.0x): {'met' if t <= 1.0 else 'MISSED'}",
+                  f"MiLe in-place peak extra {m:.3f}x (target <= 0.1x): {'met' if m <= 0.1 else 'MISSED'}",
+                  f"MiLe out-of-place peak extra {rows['mile'][1]:.3f}x (target <= 1.1x): "
+                  f"{'met' if rows['mile'][1] <= 1.1 else 'MISSED'}"]
+        if "original_mile" in rows:
+            speedup = rows["original_mile"][0] / rows["mile_inplace"][0]
+            checks.append(f"MiLe in-place {speedup:.1f}x faster than the original (target >= 4x): "
+                          f"{'met' if speedup >= 4 else 'MISSED'}")
+        print(f"TP={tp}: " + "; ".join(checks))
+
+
+if __name__ == "__main__":
+    main()
