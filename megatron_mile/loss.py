@@ -187,7 +187,7 @@ class _VocabParallelCEAndEntropy(torch.autograd.Function):
             if eps > 0:
                 e.sub_(uniform[:, None])
             grad.index_put_((rows_hit, col[rows_hit]), -on_target[rows_hit], accumulate=True)
-        else:  # 16-bit logits: recompute exp in fp32 chunks, write the rounded gradient once
+        else:  # non-fp32 (16-bit) logits: recompute exp in fp32 chunks, round the gradient once
             z = saved.view(-1, part)
             grad = z if inplace else torch.empty_like(z)
             rows = z.shape[0]
