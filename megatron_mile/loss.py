@@ -58,8 +58,8 @@ from megatron.core.tensor_parallel.utils import VocabUtility
 
 __all__ = ["CHUNK_ELEMENTS", "vocab_parallel_ce_and_entropy", "weighted_lm_loss"]
 
-# Elements per row chunk (1 MiB of fp32): small enough to stay in cache, large enough that the
-# per-chunk Python overhead is negligible next to the exp.
+# Elements per row chunk on CPU (1 MiB of fp32): small enough to stay in cache, large enough that
+# the per-chunk Python overhead is negligible next to the exp.
 CHUNK_ELEMENTS = 1 << 18
 
 _KINDS = ("ce", "focal", "mile")
@@ -80,10 +80,11 @@ def _data_parallel() -> tuple[dist.ProcessGroup | None, int]:
     return parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()
 
 
-def _chunk_rows(rows: int, columns: int) -> int:
-    # At most CHUNK_ELEMENTS, and at most 1/32 of the rows so that small inputs stay within the
-    # memory bound too (two fp32 work buffers are <= 1/16 of fp32 logits).
-    return max(1, min(CHUNK_ELEMENTS // max(columns, 1), rows // 32))
+def _chunk_rows(rows: int, columns: int, device: torch.device) -> int:
+    # At most 1/32 of the rows, so two fp32 work buffers stay <= 1/16 of fp32 logits at any size.
+    # On CPU also at most CHUNK_ELEMENTS, to stay in cache; on GPU more chunks only add launches.
+    in_cache = CHUNK_ELEMENTS // max(columns, 1) if device.type == "cpu" else rows
+    return max(1, min(in_cache, rows // 32))
 
 
 def _local_stats(z: torch.Tensor, real: int, with_shift_sum: bool,
@@ -96,7 +97,7 @@ def _local_stats(z: torch.Tensor, real: int, with_shift_sum: bool,
     rows = z.shape[0]
     m_loc = torch.empty(rows, dtype=torch.float32, device=z.device)
     sums = torch.zeros(3 if with_shift_sum else 2, rows, dtype=torch.float32, device=z.device)
-    step = _chunk_rows(rows, real)
+    step = _chunk_rows(rows, real, z.device)
     shifted = torch.empty(min(step, rows), real, dtype=torch.float32, device=z.device)
     exps = torch.empty_like(shifted) if exp_out is None else None
     for r0 in range(0, rows, step):
@@ -191,7 +192,7 @@ class _VocabParallelCEAndEntropy(torch.autograd.Function):
             z = saved.view(-1, part)
             grad = z if inplace else torch.empty_like(z)
             rows = z.shape[0]
-            step = _chunk_rows(rows, real)
+            step = _chunk_rows(rows, real, z.device)
             work = torch.empty(min(step, rows), real, dtype=torch.float32, device=z.device)
             for r0 in range(0, rows if real > 0 else 0, step):
                 r1 = min(r0 + step, rows)
