@@ -15,14 +15,16 @@ setup(
         "torch",
         "numpy",
         "sentencepiece",
-        "zstandard",
+        "tokenizers",  # Hugging Face tokenizer directories
+        "zstandard",  # The Pile ships .jsonl.zst
         "tensorboard",
+        "psutil",  # dist_checkpointing's writer measures its memory with it
     ],
     extras_require={
         # Apex (fused Adam / layer norm) is a source build; megatron-core uses it when importable.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "eval": ["lm-eval", "transformers", "safetensors"],
-        "test": ["pytest", "tokenizers", "transformers", "safetensors", "matplotlib"],
+        "test": ["pytest", "transformers", "safetensors", "matplotlib"],
     },
     entry_points={"console_scripts": ["megatron-mile-train=megatron_mile.train:main"]},
 )

@@ -22,6 +22,8 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    ``cpu``.
 4. ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; on CPU the
    optimizer uses an equivalent that scales the grads in place with ``torch._foreach_mul_``.
+5. ``torch.cuda.synchronize()`` is a no-op (CPU work is already synchronous): the
+   ``dist_checkpointing`` writer calls it after staging tensors to host memory.
 
 Two more CUDA assumptions are configuration, not patches, and live where the config is
 built (``megatron_mile.model``): the distributed optimizer (it needs reduce-scatter on
@@ -144,6 +146,9 @@ def enable_cpu_compat() -> bool:
 
     # 4. The CUDA-typed grad assertion in clipping.
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    # 5. Nothing to wait for on the CPU.
+    torch.cuda.synchronize = lambda device=None: None
 
     _cpu_compat_enabled = True
     log.info("megatron-core CPU compatibility layer enabled (no CUDA on this machine)")

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_mile.data.blend import Blend
 
@@ -22,6 +23,19 @@ class PretrainingDatasets:
     valid: Optional[object]
     test: Optional[object]
     domain_valid: dict[str, object] = field(default_factory=dict)
+
+
+_SPLIT_NAMES = ("train", "valid", "test")
+
+
+def _check_splits_have_documents(prefixes: list[str], split_matrix: list, split: str) -> None:
+    for prefix in prefixes:
+        documents = len(IndexedDataset(prefix).document_indices) - 1
+        for name, bounds in zip(_SPLIT_NAMES, split_matrix):
+            # The same rounding megatron-core uses to cut documents into splits.
+            if bounds is not None and round(bounds[1] * documents) <= round(bounds[0] * documents):
+                raise ValueError(f"{prefix}: the {name} split of --split {split} holds none of its {documents} "
+                                 f"documents; give that split a larger share or the domain more data")
 
 
 def _build(tokenizer, seq_length: int, seed: int, sizes: list[int], path_to_cache: Optional[str],
@@ -37,6 +51,11 @@ def _build(tokenizer, seq_length: int, seed: int, sizes: list[int], path_to_cach
         create_attention_mask=False,
         **blend_args,
     )
+    if config.split_matrix is not None:
+        # A split nobody asked for is not built: megatron-core would otherwise build it, and a
+        # requested split without documents makes GPTDataset loop forever looking for tokens.
+        config.split_matrix = [bounds if size else None for bounds, size in zip(config.split_matrix, sizes)]
+        _check_splits_have_documents(blend_args["blend"][0], config.split_matrix, config.split)
     datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, config).build()
     return [ds if size else None for ds, size in zip(datasets, sizes)]
 

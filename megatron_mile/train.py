@@ -1,0 +1,50 @@
+"""Entry point: ``torchrun ... -m megatron_mile.train --data-path ... --tokenizer-model ... --train-iters N``.
+
+Configuration errors are checked before any process group exists and end the run with
+one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import torch
+
+from megatron_mile.arguments import ConfigError, parse_args, validate
+from megatron_mile.checkpointing import CheckpointError
+
+
+def _fail(message: str) -> None:
+    # Every rank fails the same way; one line from the first is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(f"megatron-mile-train: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        validate(args, world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
+    except ConfigError as err:
+        _fail(str(err))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # megatron-core warns at import about optional CUDA extensions that a CPU run does not use;
+    # the environment variable carries the filter into the checkpoint writer's processes.
+    quiet = ("Transformer Engine and Apex are not installed", "Apex is not installed")
+    for message in quiet:
+        warnings.filterwarnings("ignore", message=message)
+    os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore:{m}" for m in quiet))
+
+    from megatron_mile.training import pretrain
+
+    try:
+        pretrain(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The pretraining loop: megatron-core schedules over a TP/PP/DP GPTModel, with MiLe/focal/CE.
+
+One iteration consumes one global batch: each data-parallel rank takes its contiguous
+slice of the batch's samples and runs it as micro-batches through megatron-core's
+pipeline schedule (1F1B, or interleaved with virtual stages). The loss runs in the last
+stage on the vocab-sharded logits, which are never gathered.
+
+MiLe's alpha is normalised per micro-batch over the data-parallel group. So DP=2 with one
+micro-batch per rank and DP=1 with two accumulated micro-batches normalise over different
+token sets, and their MiLe losses differ slightly by design; with cross-entropy (alpha=1)
+they are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_mile import checkpointing, metrics, optim, runtime
+from megatron_mile.arguments import model_shape
+from megatron_mile.checkpointing import TrainingState
+from megatron_mile.data import build_pretraining_datasets, build_tokenizer, load_blend
+from megatron_mile.loss import weighted_lm_loss
+from megatron_mile.model import build_model_chunks, build_transformer_config, padded_vocab_size
+
+log = logging.getLogger("megatron_mile")
+
+STAT_KEYS = ("loss", "ce", "entropy", "alpha")
+
+
+# ------------------------------------------------------------------------- batches
+
+
+def micro_batches(dataset, first_sample: int, global_batch_size: int, micro_batch_size: int,
+                  ) -> list[dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches of the global batch starting at ``first_sample``."""
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    per_rank = global_batch_size // dp_size
+    start = first_sample + dp_rank * per_rank
+    batches = []
+    for offset in range(0, per_rank, micro_batch_size):
+        samples = [dataset[(start + offset + i) % len(dataset)] for i in range(micro_batch_size)]
+        batches.append({key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                        for key in ("tokens", "labels", "loss_mask", "position_ids")})
+    return batches
+
+
+def _data_iterators(batches: list[dict[str, torch.Tensor]], num_chunks: int) -> Iterator | list[Iterator]:
+    """The interleaved schedule takes one iterator per model chunk, each over every micro-batch."""
+    if num_chunks == 1:
+        return iter(batches)
+    return [iter(batches) for _ in range(num_chunks)]
+
+
+# ------------------------------------------------------------------------- steps
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rt = runtime.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                     self._virtual_stages(), args.seed)
+        self.shape = model_shape(args)
+        self.tokenizer = build_tokenizer(args.tokenizer_model, args.tokenizer_type)
+        self.vocab_size = self.tokenizer.vocab_size
+        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.rt.dp)
+        self._build_data()
+        self.config = build_transformer_config(
+            self.shape, tp=self.rt.tp, pp=self.rt.pp, vp=self.rt.vp, sequence_parallel=args.sequence_parallel,
+            bf16=args.bf16, recompute_activations=args.recompute_activations)
+        self.chunks = build_model_chunks(self.config, self.vocab_size, self.shape.seq_length, args.seed,
+                                         self.rt.device)
+        self.settings = optim.OptimSettings(
+            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+            lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
+            lr_decay_style=args.lr_decay_style, use_distributed_optimizer=args.use_distributed_optimizer)
+        self.model = optim.wrap_data_parallel(self.config, self.chunks, self.settings)
+        self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
+        self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)
+        self.state = TrainingState()
+        if args.load:
+            loaded = checkpointing.load_checkpoint(args.load, self.chunks, self.optimizer, self.scheduler,
+                                                   self.vocab_size)
+            if loaded:
+                self.state = loaded
+                self._log(f"resumed from {args.load} at iteration {loaded.iteration}")
+        save_dir = args.save or args.load
+        self.logger = metrics.MetricsLogger(
+            enabled=self.rt.is_logging_rank,
+            metrics_file=args.metrics_file or (os.path.join(save_dir, "metrics.jsonl") if save_dir else None),
+            tensorboard_dir=args.tensorboard_dir or (os.path.join(save_dir, "tensorboard") if save_dir else None),
+            wandb_project=args.wandb_project, wandb_name=args.wandb_exp_name, config=vars(args))
+        tokens_per_iter = args.global_batch_size * self.shape.seq_length
+        self.throughput = metrics.Throughput(tokens_per_iter, metrics.flops_per_token(self.shape, self.vocab_size),
+                                             self.rt.world_size, args.train_iters)
+
+    def _virtual_stages(self) -> int | None:
+        per_stage = self.args.num_layers_per_virtual_pipeline_stage
+        if per_stage is None:
+            return None
+        return model_shape(self.args).num_layers // (self.args.pipeline_model_parallel_size * per_stage)
+
+    def _build_data(self) -> None:
+        args = self.args
+        blend = load_blend(args.data_path)
+        gbs = args.global_batch_size
+        datasets = build_pretraining_datasets(
+            blend, self.tokenizer, self.shape.seq_length, args.seed,
+            train_samples=args.train_iters * gbs, valid_samples=args.eval_iters * gbs, test_samples=0,
+            split=args.split,
+            path_to_cache=args.data_cache_path or (os.path.join(args.save, "data_cache") if args.save else None))
+        self.train_data = datasets.train
+        self.valid_data = datasets.valid
+        self.domain_valid = datasets.domain_valid
+
+    def _log(self, message: str) -> None:
+        if self.rt.is_logging_rank:
+            print(message, flush=True)
+
+    def _loss_func(self, labels: torch.Tensor, loss_mask: torch.Tensor, logits: torch.Tensor):
+        args = self.args
+        loss, stats = weighted_lm_loss(
+            logits, labels, loss_mask, kind=args.loss, gamma=args.mile_gamma, sigma=args.mile_sigma,
+            alpha_mode=args.mile_alpha_mode, vocab_size=self.vocab_size, label_smoothing=args.label_smoothing,
+            # The logits are not needed after the loss: let it reuse their buffer.
+            inplace=True)
+        return loss, {"loss": loss.detach().clone(), **{k: stats[k] for k in ("ce", "entropy", "alpha")}}
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        logits = model(batch["tokens"].to(self.rt.device), batch["position_ids"].to(self.rt.device), None)
+        return logits, partial(self._loss_func, batch["labels"].to(self.rt.device),
+                               batch["loss_mask"].to(self.rt.device))
+
+    def _run_schedule(self, batches: list[dict[str, torch.Tensor]], forward_only: bool) -> dict[str, float]:
+        """Forward (and backward) over the micro-batches; stats averaged over micro-batches and DP."""
+        outputs = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=_data_iterators(batches, len(self.model)),
+            model=self.model,
+            num_microbatches=len(batches),
+            seq_length=self.shape.seq_length,
+            micro_batch_size=self.args.micro_batch_size,
+            forward_only=forward_only,
+        )
+        # Only the last pipeline stage has losses; broadcast-free: the logging rank is in it.
+        values = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.rt.device)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for out in outputs:
+                values += torch.stack([torch.as_tensor(out[k], dtype=torch.float64, device=self.rt.device)
+                                       for k in STAT_KEYS])
+            values /= max(len(outputs), 1)
+            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+            values /= parallel_state.get_data_parallel_world_size()
+        return dict(zip(STAT_KEYS, values.tolist()))
+
+    def _grads_finite(self, stats: dict[str, float]) -> bool:
+        """One MIN all-reduce over the world: finite loss on the last stage and finite grads everywhere."""
+        finite = all(math.isfinite(stats[k]) for k in STAT_KEYS) or not parallel_state.is_pipeline_last_stage()
+        for ddp in self.model:
+            for buffer in ddp.buffers:
+                finite = finite and bool(torch.isfinite(buffer.grad_data).all())
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def train_step(self) -> tuple[dict[str, float], float | None]:
+        """One global batch. Returns the stats and the grad norm (None when the step was skipped)."""
+        for ddp in self.model:
+            ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batches = micro_batches(self.train_data, self.state.consumed_samples, self.args.global_batch_size,
+                                self.args.micro_batch_size)
+        stats = self._run_schedule(batches, forward_only=False)
+        self.state.consumed_samples += self.args.global_batch_size
+        self.state.iteration += 1
+        if not self._grads_finite(stats):
+            return stats, None
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok or grad_norm is None or not math.isfinite(grad_norm):
+            return stats, None
+        self.scheduler.step(increment=1)
+        return stats, float(grad_norm)
+
+    # --------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def _eval_dataset(self, dataset) -> dict[str, float]:
+        for ddp in self.model:
+            ddp.eval()
+        totals = dict.fromkeys(STAT_KEYS, 0.0)
+        gbs = self.args.global_batch_size
+        for i in range(self.args.eval_iters):
+            stats = self._run_schedule(micro_batches(dataset, i * gbs, gbs, self.args.micro_batch_size),
+                                       forward_only=True)
+            for k in STAT_KEYS:
+                totals[k] += stats[k] / self.args.eval_iters
+        for ddp in self.model:
+            ddp.train()
+        return totals
+
+    def evaluate(self) -> None:
+        """Log-ppl (mean CE) on the blended validation set and on every domain's."""
+        record: dict[str, Any] = {"iteration": self.state.iteration,
+                                  "consumed_tokens": self.state.consumed_samples * self.shape.seq_length}
+        if self.valid_data is not None:
+            overall = self._eval_dataset(self.valid_data)
+            record["eval_loss"] = overall["ce"]
+            record["eval_objective"] = overall["loss"]
+        domains = {name: self._eval_dataset(ds)["ce"] for name, ds in sorted(self.domain_valid.items())}
+        record["domains"] = domains
+        line = f"eval iter {self.state.iteration} | log-ppl {record.get('eval_loss', float('nan')):.4f}"
+        if domains:
+            record["domain_avg"] = sum(domains.values()) / len(domains)
+            record["domain_worst"] = max(domains.values())
+            line += f" | domain avg {record['domain_avg']:.4f} | worst {record['domain_worst']:.4f} | " + \
+                ", ".join(f"{k} {v:.3f}" for k, v in domains.items())
+        self._log(line)
+        self.logger.record("eval", record, self.state.iteration)
+
+    # --------------------------------------------------------------------- loop
+
+    def save(self) -> None:
+        if not self.args.save:
+            return
+        path = checkpointing.save_checkpoint(self.args.save, self.chunks, self.optimizer, self.scheduler,
+                                             self.state, self.vocab_size, run_args=vars(self.args))
+        self._log(f"saved checkpoint {path}")
+
+    def train(self) -> None:
+        args = self.args
+        self._log(f"training {self.shape} | vocab {self.vocab_size} (padded "
+                  f"{padded_vocab_size(self.vocab_size, self.rt.tp)}) | TP {self.rt.tp} PP {self.rt.pp} "
+                  f"DP {self.rt.dp} VP {self.rt.vp} | micro-batches {self.num_microbatches} | loss {args.loss}")
+        skipped_in_a_row = 0
+        window: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
+        window_steps = 0
+        last_norm = float("nan")
+        self.throughput.restart()
+        while self.state.iteration < args.train_iters:
+            stats, grad_norm = self.train_step()
+            self.throughput.step()
+            if grad_norm is None:
+                skipped_in_a_row += 1
+                self._log(f"warning: iteration {self.state.iteration}: non-finite loss or gradient, step skipped "
+                          f"({skipped_in_a_row} in a row)")
+                if skipped_in_a_row >= args.max_skipped_iters:
+                    raise RuntimeError(f"{skipped_in_a_row} consecutive non-finite iterations "
+                                       f"(--max-skipped-iters {args.max_skipped_iters}); stopping")
+            else:
+                skipped_in_a_row = 0
+                last_norm = grad_norm
+                window = {k: window[k] + stats[k] for k in STAT_KEYS}
+                window_steps += 1
+            if self.state.iteration % args.log_interval == 0:
+                self._log_window(window, window_steps, last_norm, skipped_in_a_row)
+                window, window_steps = dict.fromkeys(STAT_KEYS, 0.0), 0
+            if args.eval_interval and self.state.iteration % args.eval_interval == 0:
+                self.evaluate()
+                self.throughput.restart()
+            if args.save_interval and self.state.iteration % args.save_interval == 0:
+                self.save()
+                self.throughput.restart()
+        if args.save and (not args.save_interval or self.state.iteration % args.save_interval):
+            self.save()
+        self.logger.close()
+
+    def _log_window(self, window: dict[str, float], steps: int, grad_norm: float, skipped: int) -> None:
+        values: dict[str, Any] = {"iteration": self.state.iteration,
+                                  "consumed_tokens": self.state.consumed_samples * self.shape.seq_length}
+        values.update({k: (window[k] / steps if steps else float("nan")) for k in STAT_KEYS})
+        values.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm, skipped=skipped)
+        values.update(self.throughput.window(self.state.iteration))
+        self._log(metrics.console_line(self.state.iteration, self.args.train_iters, values))
+        self.logger.record("train", values, self.state.iteration)
+
+
+def pretrain(args: argparse.Namespace) -> None:
+    trainer = Trainer(args)
+    try:
+        trainer.train()
+    finally:
+        runtime.shutdown()
