@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_mile.model import PRESETS, ModelShape, resolve_shape
+from megatron_mile.model import PRESETS, ModelShape, resolve_shape, transformer_engine_available
 
 
 class ConfigError(ValueError):
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save")
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int)
+    g.add_argument("--exit-interval", type=int, help="stop (and save) once the iteration is a multiple of this")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -108,7 +109,7 @@ def validate(args: argparse.Namespace, world_size: int, cuda: bool) -> None:
     """Check every flag combination that would otherwise fail deep inside a run."""
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
               "global_batch_size", "train_iters", "num_layers", "hidden_size", "num_attention_heads",
-              "ffn_hidden_size", "seq_length", "log_interval", "eval_interval", "save_interval",
+              "ffn_hidden_size", "seq_length", "log_interval", "eval_interval", "save_interval", "exit_interval",
               "num_layers_per_virtual_pipeline_stage")
     shape = model_shape(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -139,6 +140,9 @@ def validate(args: argparse.Namespace, world_size: int, cuda: bool) -> None:
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                           f"--micro-batch-size {args.micro_batch_size} × data-parallel size {dp}")
+    if args.sequence_parallel and not transformer_engine_available():
+        # megatron-core's plain torch norms cannot reduce sequence-parallel norm grads.
+        raise ConfigError("--sequence-parallel needs Transformer Engine on CUDA (pip install .[gpu])")
     if args.sequence_parallel and tp > 1 and shape.seq_length % tp:
         raise ConfigError(f"--seq-length {shape.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                           "(needed by --sequence-parallel)")

@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", message=message)
     os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore:{m}" for m in quiet))
 
-    from megatron_mile.training import pretrain
+    from megatron_mile.training import TrainingAborted, pretrain
 
     try:
         pretrain(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, TrainingAborted, ValueError, FileNotFoundError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 

@@ -37,6 +37,10 @@ log = logging.getLogger("megatron_mile")
 STAT_KEYS = ("loss", "ce", "entropy", "alpha")
 
 
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite steps); the message is one line."""
+
+
 # ------------------------------------------------------------------------- batches
 
 
@@ -255,9 +259,6 @@ class Trainer:
                 skipped_in_a_row += 1
                 self._log(f"warning: iteration {self.state.iteration}: non-finite loss or gradient, step skipped "
                           f"({skipped_in_a_row} in a row)")
-                if skipped_in_a_row >= args.max_skipped_iters:
-                    raise RuntimeError(f"{skipped_in_a_row} consecutive non-finite iterations "
-                                       f"(--max-skipped-iters {args.max_skipped_iters}); stopping")
             else:
                 skipped_in_a_row = 0
                 last_norm = grad_norm
@@ -266,12 +267,19 @@ class Trainer:
             if self.state.iteration % args.log_interval == 0:
                 self._log_window(window, window_steps, last_norm, skipped_in_a_row)
                 window, window_steps = dict.fromkeys(STAT_KEYS, 0.0), 0
+            if skipped_in_a_row >= args.max_skipped_iters:
+                raise TrainingAborted(f"{skipped_in_a_row} consecutive non-finite iterations "
+                                      f"(--max-skipped-iters {args.max_skipped_iters}); stopping at iteration "
+                                      f"{self.state.iteration}, last checkpoint is the last good state")
             if args.eval_interval and self.state.iteration % args.eval_interval == 0:
                 self.evaluate()
                 self.throughput.restart()
             if args.save_interval and self.state.iteration % args.save_interval == 0:
                 self.save()
                 self.throughput.restart()
+            if args.exit_interval and self.state.iteration % args.exit_interval == 0:
+                self._log(f"exiting at iteration {self.state.iteration} (--exit-interval {args.exit_interval})")
+                break
         if args.save and (not args.save_interval or self.state.iteration % args.save_interval):
             self.save()
         self.logger.close()

@@ -1,0 +1,245 @@
+"""End-to-end pretraining on CPU through the real entry point (torchrun, gloo, tiny model).
+
+Same seed and data everywhere; layout-invariant init makes the parallel layouts comparable
+step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import data_fixtures
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ITERS = 5
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, str]:
+    """A two-domain Pile-style corpus, a 300-piece tokenizer (padded differently at TP=1 and 2),
+    per-domain datasets and a blend with the domains' sampling weights."""
+    root = tmp_path_factory.mktemp("train_data")
+    corpus = data_fixtures.write(str(root / "corpus.jsonl.zst"), data_fixtures.jsonl_bytes(data_fixtures.documents(1500)))
+    tokenizer = data_fixtures.train_sentencepiece(str(root / "tok.model"), vocab_size=300)
+    prefix = str(root / "pile")
+    subprocess.run([sys.executable, f"{REPO}/tools/preprocess_data.py", "--input", corpus, "--output-prefix", prefix,
+                    "--tokenizer-model", tokenizer, "--split-by-domain", "meta.pile_set_name", "--append-eod",
+                    "--quiet"], check=True)
+    weights = root / "weights.json"
+    weights.write_text(json.dumps({"train_domain_weights": {d: 1.0 for d in data_fixtures.DOMAINS},
+                                   "eval_domain_weights": {d: 1.0 for d in data_fixtures.DOMAINS}}))
+    blend = str(root / "blend.json")
+    subprocess.run([sys.executable, f"{REPO}/tools/make_blend.py", "--manifest", f"{prefix}_text_manifest.json",
+                    "--weights", str(weights), "--output", blend], check=True)
+    return {"blend": blend, "tokenizer": tokenizer}
+
+
+def _command(demo: dict[str, str], nproc: int, save: str, *extra: str, iters: int = ITERS) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "megatron_mile.train",
+            "--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", str(iters), "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
+            "--eval-interval", "1000", "--eval-iters", "1", "--seed", "11",
+            "--data-path", demo["blend"], "--tokenizer-model", demo["tokenizer"], "--save", save, *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _train(demo, tmp_path, name: str, nproc: int, *extra: str, iters: int = ITERS, save: str | None = None,
+           ) -> list[dict]:
+    save = save or str(tmp_path / name)
+    proc = subprocess.run(_command(demo, nproc, save, *extra, iters=iters), capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return _records(save, "train")
+
+
+def _records(save: str, kind: str) -> list[dict]:
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+def _losses(records: list[dict], key: str = "loss") -> np.ndarray:
+    return np.array([r[key] for r in records])
+
+
+@pytest.fixture(scope="module")
+def mile_tp1(demo, tmp_path_factory):
+    return _train(demo, tmp_path_factory.mktemp("tp1"), "run", 1, "--loss", "mile")
+
+
+@pytest.mark.parametrize("name,nproc,layout", [
+    ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
+    ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
+    ("tp2pp2", 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+])
+def test_parallel_layouts_reproduce_single_rank_mile_losses(demo, tmp_path, mile_tp1, name, nproc, layout):
+    records = _train(demo, tmp_path, name, nproc, "--loss", "mile", *layout)
+    assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
+    for key in ("loss", "ce", "entropy", "alpha"):
+        np.testing.assert_allclose(_losses(records, key), _losses(mile_tp1, key), rtol=2e-5, err_msg=key)
+    # Training moved: the loss fell, and MiLe reported CE beside its own objective.
+    assert _losses(mile_tp1)[-1] < _losses(mile_tp1)[0]
+    assert all(0 < r["alpha"] < 1 and r["entropy"] > 0 for r in mile_tp1)
+
+
+def test_data_parallel_matches_gradient_accumulation_with_ce(demo, tmp_path):
+    """DP=1 with 2 accumulated micro-batches and DP=2 with one each see the same global batch.
+    (Under MiLe the per-micro-batch alpha differs between the two by design; see training.py.)"""
+    dp1 = _train(demo, tmp_path, "dp1", 1, "--loss", "ce")
+    dp2 = _train(demo, tmp_path, "dp2", 2, "--loss", "ce")
+    np.testing.assert_allclose(_losses(dp2), _losses(dp1), rtol=2e-5)
+    np.testing.assert_allclose(_losses(dp1, "alpha"), 1.0)
+
+
+def test_mile_with_gamma_zero_reproduces_ce(demo, tmp_path):
+    ce = _train(demo, tmp_path, "ce", 1, "--loss", "ce")
+    mile0 = _train(demo, tmp_path, "mile0", 1, "--loss", "mile", "--mile-gamma", "0")
+    np.testing.assert_allclose(_losses(mile0), _losses(ce), rtol=1e-6)
+    np.testing.assert_allclose(_losses(mile0, "ce"), _losses(ce, "ce"), rtol=1e-6)
+
+
+def test_resume_is_exact_and_appends_metrics(demo, tmp_path):
+    layout = ["--tensor-model-parallel-size", "2"]
+    full = _train(demo, tmp_path, "full", 2, *layout, iters=6)
+    save = str(tmp_path / "halves")
+    # Same schedule (--train-iters 6) in both halves; the first stops after 3.
+    _train(demo, tmp_path, "first", 2, *layout, "--exit-interval", "3", iters=6, save=save)
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "3"
+    resumed = _train(demo, tmp_path, "second", 2, *layout, "--load", save, iters=6, save=save)
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal(_losses(resumed), _losses(full))
+    np.testing.assert_array_equal(_losses(resumed, "grad_norm"), _losses(full, "grad_norm"))
+
+
+def test_checkpoint_reshards_tp2_to_tp1(demo, tmp_path):
+    save = str(tmp_path / "reshard")
+    _train(demo, tmp_path, "tp2", 2, "--tensor-model-parallel-size", "2", "--exit-interval", "3", iters=5,
+           save=save)
+    resumed = _train(demo, tmp_path, "tp1", 1, "--load", save, iters=5, save=save)
+    reference = _train(demo, tmp_path, "ref", 2, "--tensor-model-parallel-size", "2", iters=5)
+    np.testing.assert_allclose(_losses(resumed)[3:], _losses(reference)[3:], rtol=1e-4)
+
+
+def test_killed_save_resumes_from_previous_checkpoint(demo, tmp_path):
+    save = str(tmp_path / "killed")
+    cmd = _command(demo, 1, save, "--save-interval", "2", iters=6)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
+    staging = os.path.join(save, "iter_0000004.tmp")
+    deadline = time.time() + 300
+    while not os.path.exists(staging) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(staging), "the run ended before its second save started"
+    assert not os.path.exists(os.path.join(save, "iter_0000004"))
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "2"
+
+    resumed = _train(demo, tmp_path, "resume", 1, "--load", save, "--save-interval", "2", iters=6, save=save)
+    reference = _train(demo, tmp_path, "reference", 1, iters=6)
+    # The killed run logged iterations 1-4; the resumed one redoes 3 and 4 and goes on, exactly.
+    by_iter = {r["iteration"]: r["loss"] for r in resumed}
+    assert sorted(by_iter) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal([by_iter[i] for i in range(1, 7)], _losses(reference))
+    assert not os.path.exists(staging)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(demo, tmp_path):
+    import torch
+
+    save = str(tmp_path / "nan")
+    proc = subprocess.run(_command(demo, 1, save, "--lr", "1e30", "--lr-warmup-iters", "0", "--max-skipped-iters",
+                                   "3", "--save-interval", "1", iters=20),
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    _assert_one_line_error(proc, "3 consecutive non-finite iterations")
+    assert "step skipped" in proc.stdout
+    records = _records(save, "train")
+    assert [r["skipped"] for r in records[-3:]] == [1, 2, 3]
+    # A NaN never reaches a checkpoint: skipped steps leave the weights untouched.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    latest = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
+    assert latest >= records[-1]["iteration"] - 1
+    flat = str(tmp_path / "flat.pt")
+    dcp_to_torch_save(os.path.join(save, f"iter_{latest:07d}"), flat)
+    tensors = [t for t in _tensors(torch.load(flat, weights_only=False))]
+    assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _tensors(tree):
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+
+
+def test_vocabulary_larger_than_checkpoint_is_refused(demo, tmp_path):
+    import torch
+
+    save = str(tmp_path / "vocab")
+    _train(demo, tmp_path, "small", 1, iters=2, save=save)
+    common = os.path.join(save, "iter_0000002", "common.pt")
+    state = torch.load(common, weights_only=False)
+    state["vocab_size"] = 100
+    torch.save(state, common)
+    proc = subprocess.run(_command(demo, 1, save, "--load", save, iters=3), capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    _assert_one_line_error(proc, "more than the 100")
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    """Our error is one line; no traceback from this package (torchrun adds its own exit summary)."""
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("megatron-mile-train: error:")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr[-3000:]
+    assert f'File "{REPO}/megatron_mile' not in proc.stderr
+
+
+BAD_CONFIGS = [
+    (["--tensor-model-parallel-size", "3"], 3, "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
+    (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
+    (["--num-layers-per-virtual-pipeline-stage", "3", "--pipeline-model-parallel-size", "4"], 4,
+     "--num-layers 4 is not divisible by --pipeline-model-parallel-size 4 × --num-layers-per-virtual-pipeline-stage 3"),
+    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2,
+     "--global-batch-size 6 is not divisible by --micro-batch-size 2 × data-parallel size 2"),
+    (["--tokenizer-model", "/nonexistent/tok.model"], 1, "--tokenizer-model: /nonexistent/tok.model does not exist"),
+    (["--bf16"], 1, "--bf16 needs CUDA"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2, "--sequence-parallel needs Transformer Engine"),
+    (["--lr-warmup-iters", "50"], 1, "--lr-warmup-iters 50 must be smaller"),
+    (["--model-preset", "468M", "--tensor-model-parallel-size", "32"], 32, "--num-attention-heads 16 is not divisible"),
+]
+
+
+@pytest.mark.parametrize("flags,world,message", BAD_CONFIGS)
+def test_bad_configuration_fails_with_one_line(flags, world, message, monkeypatch, capsys):
+    from megatron_mile import train
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    base = ["--train-iters", "10", "--lr-warmup-iters", "1", "--data-path", "x", "--tokenizer-model", __file__]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(base + flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_missing_data_prefix_fails_with_one_line(demo, tmp_path):
+    # A later --data-path replaces the fixture's.
+    proc = subprocess.run(_command(demo, 1, str(tmp_path / "x")) + ["--data-path", str(tmp_path / "no_such_prefix")],
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    _assert_one_line_error(proc, "no_such_prefix")
