@@ -1,0 +1,1 @@
+"""Export megatron-mile checkpoints to other formats (Hugging Face Llama for lm-eval)."""

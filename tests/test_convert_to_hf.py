@@ -1,0 +1,120 @@
+"""checkpoint_conversion/convert_to_hf.py: a TP=2 checkpoint → HF Llama with megatron's logits.
+
+The checkpoint comes from the real trainer (torchrun, 2 ranks, TP=2) on a corpus and a
+SentencePiece model built here. A few steps at a large constant lr move every weight well
+away from its N(0, 0.01) init, so attention is far from uniform and a wrong q/k/v, gate/up
+or RoPE mapping would change the logits visibly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data_fixtures import documents, jsonl_bytes, train_sentencepiece, write
+from dist_utils import run_ranks
+from megatron_mile.data.preprocess import PreprocessConfig, preprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONVERTER = os.path.join(REPO, "checkpoint_conversion", "convert_to_hf.py")
+VOCAB = 300  # padded to 512 at TP=2 and 384 at TP=1: the converter must use the saved padding
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("convert")
+    tokenizer = train_sentencepiece(str(root / "sp.model"), vocab_size=VOCAB)
+    corpus = write(str(root / "corpus.jsonl"), jsonl_bytes(documents(400)))
+    preprocess(PreprocessConfig(inputs=[corpus], output_prefix=str(root / "data"), tokenizer_model=tokenizer,
+                                append_eod=True, quiet=True))
+    save = str(root / "run")
+    train = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
+             "-m", "megatron_mile.train", "--model-preset", "tiny", "--tensor-model-parallel-size", "2",
+             "--data-path", str(root / "data_text_document"), "--tokenizer-model", tokenizer,
+             "--train-iters", "4", "--lr", "0.02", "--min-lr", "0.02", "--lr-warmup-iters", "1",
+             "--lr-decay-style", "constant", "--micro-batch-size", "2", "--global-batch-size", "4",
+             "--eval-interval", "100", "--log-interval", "4", "--save", save]
+    done = subprocess.run(train, capture_output=True, text=True, env=_env(), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = str(root / "hf")
+    done = subprocess.run([sys.executable, CONVERTER, "--load", save, "--output", out],
+                          capture_output=True, text=True, env=_env(), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"save": save, "hf": out, "tokenizer": tokenizer}
+
+
+def _megatron_logits(rank: int, world_size: int, save: str, sequences: list[list[int]]) -> list[np.ndarray]:
+    """Reference: the same checkpoint loaded into a megatron-core model at TP=1, on one rank."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_mile import runtime
+    from megatron_mile.checkpointing import checkpoint_dir, latest_iteration
+    from megatron_mile.model import PRESETS, build_model_chunks, build_transformer_config, padded_vocab_size
+
+    runtime.initialize(1, 1)
+    path = checkpoint_dir(save, latest_iteration(save))
+    common = dist_checkpointing.load_common_state_dict(path)
+    shape = PRESETS["tiny"]
+    rows = padded_vocab_size(common["vocab_size"], common["layout"]["tp"])
+    model = build_model_chunks(build_transformer_config(shape), rows, shape.seq_length, 0, torch.device("cpu"))[0]
+    model.load_state_dict(dist_checkpointing.load({"model0": model.sharded_state_dict()}, path)["model0"])
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for seq in sequences:
+            tokens = torch.tensor([seq])
+            positions = torch.arange(len(seq)).unsqueeze(0)
+            logits = model(tokens, positions, None)
+            out.append(logits[0, :, : common["vocab_size"]].float().numpy())
+    runtime.shutdown()
+    return out
+
+
+def test_hf_logits_match_megatron(converted):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, VOCAB, size=n).tolist() for n in (128, 37, 5)]
+    reference = run_ranks(_megatron_logits, 1, converted["save"], sequences)[0]
+
+    model = LlamaForCausalLM.from_pretrained(converted["hf"]).eval()
+    assert model.config.vocab_size == VOCAB and not model.config.tie_word_embeddings
+    with torch.no_grad():
+        for seq, want in zip(sequences, reference):
+            got = model(torch.tensor([seq])).logits[0].numpy()
+            assert got.shape == want.shape
+            # Trained away from init: logits vary across positions, so attention matters.
+            assert want.std(axis=0).mean() > 0.05
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=converted["tokenizer"])
+    tokenizer = AutoTokenizer.from_pretrained(converted["hf"])
+    for text in ("Document 7: alpha beta", "  indented line é\n"):
+        assert tokenizer(text)["input_ids"] == sp.encode(text)  # no BOS: training never adds one
+
+
+def test_bad_input_is_one_line(tmp_path, converted):
+    cases = [
+        (["--load", str(tmp_path / "missing"), "--output", str(tmp_path / "o")], "is not a directory"),
+        (["--load", str(tmp_path), "--output", str(tmp_path / "o")], "no latest_checkpointed_iteration.txt"),
+        (["--load", converted["save"], "--output", converted["hf"]], "exists"),
+        (["--load", converted["save"], "--iteration", "3", "--output", str(tmp_path / "o")],
+         "no complete checkpoint"),
+    ]
+    for argv, message in cases:
+        done = subprocess.run([sys.executable, CONVERTER, *argv], capture_output=True, text=True, env=_env())
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not os.path.exists(tmp_path / "o")
