@@ -128,9 +128,6 @@ def validate(args: argparse.Namespace, world_size: int, cuda: bool) -> None:
                           f"--tensor-model-parallel-size {tp}")
     per_vp = args.num_layers_per_virtual_pipeline_stage
     if per_vp is not None:
-        if pp < 3:
-            # megatron-core's interleaved schedule needs more than 2 stages.
-            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 2")
         if shape.num_layers % (pp * per_vp):
             raise ConfigError(f"--num-layers {shape.num_layers} is not divisible by --pipeline-model-parallel-size "
                               f"{pp} × --num-layers-per-virtual-pipeline-stage {per_vp}")

@@ -91,13 +91,9 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def _sharded_state(chunks: list[torch.nn.Module], optimizer, is_loading: bool) -> dict[str, Any]:
-    model_state: dict[str, Any] = {}
-    state: dict[str, Any] = {}
-    for index, chunk in enumerate(chunks):
-        chunk_state = chunk.sharded_state_dict()
-        state[f"model{index}"] = chunk_state
-        model_state.update(chunk_state)
-    state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    # Chunk dicts share local key names, so they stay nested (the sharded keys inside are global).
+    state: dict[str, Any] = {f"model{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
+    state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
     return state
 
 

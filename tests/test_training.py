@@ -75,16 +75,32 @@ def _losses(records: list[dict], key: str = "loss") -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def mile_tp1(demo, tmp_path_factory):
-    return _train(demo, tmp_path_factory.mktemp("tp1"), "run", 1, "--loss", "mile")
+    save = str(tmp_path_factory.mktemp("tp1") / "run")
+    records = _train(demo, None, "run", 1, "--loss", "mile", "--eval-interval", str(ITERS), save=save)
+    return {"train": records, "eval": _records(save, "eval")}
+
+
+def test_evaluation_reports_overall_and_per_domain_log_ppl(mile_tp1):
+    (record,) = mile_tp1["eval"]
+    assert record["iteration"] == ITERS
+    domains = record["domains"]
+    assert sorted(domains) == sorted(data_fixtures.DOMAINS)
+    assert record["domain_avg"] == pytest.approx(np.mean(list(domains.values())))
+    assert record["domain_worst"] == pytest.approx(max(domains.values()))
+    # A model trained a few steps from uniform: log-ppl below log(V) but far from 0.
+    assert 0.5 < record["eval_loss"] < np.log(300)
 
 
 @pytest.mark.parametrize("name,nproc,layout", [
     ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
     ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
     ("tp2pp2", 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    ("pp2_interleaved", 2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    ("recompute", 1, ["--recompute-activations"]),
 ])
 def test_parallel_layouts_reproduce_single_rank_mile_losses(demo, tmp_path, mile_tp1, name, nproc, layout):
     records = _train(demo, tmp_path, name, nproc, "--loss", "mile", *layout)
+    mile_tp1 = mile_tp1["train"]
     assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
     for key in ("loss", "ce", "entropy", "alpha"):
         np.testing.assert_allclose(_losses(records, key), _losses(mile_tp1, key), rtol=2e-5, err_msg=key)
