@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert_to_hf: error: {err}", file=sys.stderr)
         return 1
     finally:
-        from megatron_mile import runtime
-
-        runtime.shutdown()
+        runtime = sys.modules.get("megatron_mile.runtime")
+        if runtime is not None:  # only once loading started
+            runtime.shutdown()
     print(f"converted {path} -> {args.output}")
     return 0
 

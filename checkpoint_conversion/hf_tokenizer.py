@@ -53,7 +53,7 @@ def _sentencepiece_to_fast(model_path: str, out_dir: str, max_length: int) -> No
         shutil.copy(model_path, os.path.join(scratch, "tokenizer.model"))
         with open(os.path.join(scratch, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-                       "legacy": True, **specials}, f)
+                       **specials}, f)
         backend = AutoTokenizer.from_pretrained(scratch).backend_tokenizer
     steps = [normalizers.Replace(" ", "\u2581")]
     if proto.normalizer_spec.add_dummy_prefix:
@@ -78,6 +78,10 @@ def _copy_hf_directory(path: str, out_dir: str, max_length: int) -> None:
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
+    # Older configs spell special tokens as {"content": ...}; transformers >= 5 wants strings.
+    for key, value in config.items():
+        if key.endswith("_token") and isinstance(value, dict) and "content" in value:
+            config[key] = value["content"]
     # Without a class, transformers would pick the model type's tokenizer and rebuild its pipeline.
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     config.setdefault("model_max_length", max_length)
@@ -103,7 +107,10 @@ def verify(path: str, tokenizer_type: str | None, out_dir: str) -> None:
     from transformers import AutoTokenizer
 
     reference = build_tokenizer(path, tokenizer_type)
-    exported = AutoTokenizer.from_pretrained(out_dir)
+    try:
+        exported = AutoTokenizer.from_pretrained(out_dir)
+    except (OSError, TypeError, ValueError) as err:
+        raise TokenizerExportError(f"transformers cannot load the exported tokenizer: {str(err).splitlines()[0]}")
     for text in PROBES:
         want = reference.tokenize(text)
         got = exported(text, add_special_tokens=False)["input_ids"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import documents, jsonl_bytes, train_sentencepiece, write
+from data_fixtures import documents, jsonl_bytes, train_hf_tokenizer, train_sentencepiece, write
 from dist_utils import run_ranks
 from megatron_mile.data.preprocess import PreprocessConfig, preprocess
 
@@ -118,3 +118,18 @@ def test_bad_input_is_one_line(tmp_path, converted):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], done.stderr
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_tokenizer_export_hf_directory(tmp_path):
+    """An HF tokenizer directory is copied with a loadable config and gives the training ids."""
+    sys.path.insert(0, REPO)
+    from checkpoint_conversion import hf_tokenizer
+    from transformers import AutoTokenizer
+
+    source = train_hf_tokenizer(str(tmp_path / "src"))  # its config spells eos as {"content": ...}
+    out = tmp_path / "out"
+    out.mkdir()
+    assert hf_tokenizer.export_tokenizer(source, None, str(out), 128) == (0, 1)
+    hf_tokenizer.verify(source, None, str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.eos_token == "</s>" and tokenizer.model_max_length == 128
