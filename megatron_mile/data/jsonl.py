@@ -11,7 +11,7 @@ import glob
 import os
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import zstandard
 
@@ -45,43 +45,34 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return files
 
 
-def _zst_chunks(f: BinaryIO) -> Iterator[bytes]:
-    dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-    dobj, fed = dctx.decompressobj(), False
+def _frames(f: BinaryIO, new_decompressor: Callable[[], object], error: type[Exception], name: str,
+            ) -> Iterator[bytes]:
+    """Decompress frame after frame (concatenated zst frames, multi-member gzip) until the input ends."""
+    dobj, fed = new_decompressor(), False
     while raw := f.read(READ_SIZE):
         while raw:
             try:
                 out = dobj.decompress(raw)
-            except zstandard.ZstdError as exc:
-                raise TruncatedInput(f"corrupt zst stream ({exc})") from None
+            except error as exc:
+                raise TruncatedInput(f"corrupt {name} stream ({exc})") from None
             fed = True
             if out:
                 yield out
-            if dobj.eof:  # concatenated frames: restart on the bytes after this one
-                raw, dobj, fed = dobj.unused_data, dctx.decompressobj(), False
+            if dobj.eof:  # restart on the bytes after this frame
+                raw, dobj, fed = dobj.unused_data, new_decompressor(), False
             else:
                 raw = b""
     if fed and not dobj.eof:
-        raise TruncatedInput("truncated zst stream")
+        raise TruncatedInput(f"truncated {name} stream")
+
+
+def _zst_chunks(f: BinaryIO) -> Iterator[bytes]:
+    dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+    return _frames(f, dctx.decompressobj, zstandard.ZstdError, "zst")
 
 
 def _gz_chunks(f: BinaryIO) -> Iterator[bytes]:
-    dobj, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
-    while raw := f.read(READ_SIZE):
-        while raw:
-            try:
-                out = dobj.decompress(raw)
-            except zlib.error as exc:
-                raise TruncatedInput(f"corrupt gz stream ({exc})") from None
-            fed = True
-            if out:
-                yield out
-            if dobj.eof:  # multi-member gzip
-                raw, dobj, fed = dobj.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS), False
-            else:
-                raw = b""
-    if fed and not dobj.eof:
-        raise TruncatedInput("truncated gz stream")
+    return _frames(f, lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), zlib.error, "gz")
 
 
 def _plain_chunks(f: BinaryIO) -> Iterator[bytes]:
