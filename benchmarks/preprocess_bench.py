@@ -17,6 +17,7 @@ must produce the same number of tokens; the bench checks that.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import platform
@@ -75,6 +76,8 @@ def main() -> int:
     parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--megatron-lm", default=None, help="path of a Megatron-LM checkout")
+    parser.add_argument("--megatron-lm-python", default=sys.executable,
+                        help="interpreter for Megatron-LM (its megatron.training imports need extra packages)")
     args = parser.parse_args()
 
     from megatron_mile.data.jsonl import decompressed_chunks
@@ -100,13 +103,16 @@ def main() -> int:
             common = ["--input", plain, "--json-keys", "text", "--append-eod", "--workers", str(args.workers)]
             mine = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), *common, "--quiet",
                     "--tokenizer-model", args.tokenizer_model, "--output-prefix", os.path.join(tmp, "cli")]
-            theirs = [sys.executable, os.path.join(args.megatron_lm, "tools", "preprocess_data.py"), *common,
+            theirs = [args.megatron_lm_python, os.path.join(args.megatron_lm, "tools", "preprocess_data.py"), *common,
                       "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", args.tokenizer_model,
                       "--output-prefix", os.path.join(tmp, "mlm")]
             env = dict(os.environ, PYTHONPATH=args.megatron_lm)
             mine_s, theirs_s = timed(mine), timed(theirs, env)
+            same = all(filecmp.cmp(os.path.join(tmp, f"cli_text_document{ext}"),
+                                   os.path.join(tmp, f"mlm_text_document{ext}"), shallow=False)
+                       for ext in (".bin", ".idx"))
             print(f"CLI wall time, start-up included: ours {mine_s:.2f} s, Megatron-LM {theirs_s:.2f} s "
-                  f"= {theirs_s / mine_s:.2f}x")
+                  f"= {theirs_s / mine_s:.2f}x; outputs byte-identical: {same}")
     finally:
         shutil.rmtree(tmp)
     return 0
