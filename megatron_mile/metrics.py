@@ -14,7 +14,6 @@ the GPU's dense bf16 peak.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -23,8 +22,6 @@ from typing import Any
 import torch
 
 from megatron_mile.model import ModelShape
-
-log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks, FLOP/s.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

@@ -12,7 +12,6 @@ which is what lets runs at different layouts be compared step for step.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import zlib
@@ -24,8 +23,6 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
-
-log = logging.getLogger(__name__)
 
 INIT_STD = 0.01
 VOCAB_PAD_MULTIPLE = 128

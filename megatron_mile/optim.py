@@ -60,13 +60,12 @@ def wrap_data_parallel(config: TransformerConfig, chunks: list[torch.nn.Module],
 
 def distributed_optimizer_enabled(settings: OptimSettings) -> bool:
     """The distributed optimizer shards state with reduce-scatter on CUDA tensors; CPU uses the plain one."""
-    if settings.use_distributed_optimizer and not torch.cuda.is_available():
-        log.info("no CUDA: using megatron-core's plain optimizer instead of the distributed optimizer")
-        return False
-    return settings.use_distributed_optimizer
+    return settings.use_distributed_optimizer and torch.cuda.is_available()
 
 
 def build_optimizer(model: list[DistributedDataParallel], settings: OptimSettings, bf16: bool) -> MegatronOptimizer:
+    if settings.use_distributed_optimizer and not distributed_optimizer_enabled(settings):
+        log.info("no CUDA: using megatron-core's plain optimizer instead of the distributed optimizer")
     config = OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,

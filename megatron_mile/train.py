@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         _fail(str(err))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Our own decisions (CPU layer, optimizer fallback, resharded RNG) are worth a line; megatron's chatter is not.
+    logging.getLogger("megatron_mile").setLevel(logging.INFO)
     # megatron-core warns at import about optional CUDA extensions that a CPU run does not use;
     # the environment variable carries the filter into the checkpoint writer's processes.
     quiet = ("Transformer Engine and Apex are not installed", "Apex is not installed")

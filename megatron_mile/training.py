@@ -14,7 +14,6 @@ they are identical.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 from functools import partial
@@ -30,9 +29,7 @@ from megatron_mile.arguments import model_shape
 from megatron_mile.checkpointing import TrainingState
 from megatron_mile.data import build_pretraining_datasets, build_tokenizer, load_blend
 from megatron_mile.loss import weighted_lm_loss
-from megatron_mile.model import build_model_chunks, build_transformer_config, padded_vocab_size
-
-log = logging.getLogger("megatron_mile")
+from megatron_mile.model import build_model_chunks, build_transformer_config, count_parameters, padded_vocab_size
 
 STAT_KEYS = ("loss", "ce", "entropy", "alpha")
 
@@ -244,7 +241,8 @@ class Trainer:
 
     def train(self) -> None:
         args = self.args
-        self._log(f"training {self.shape} | vocab {self.vocab_size} (padded "
+        params = count_parameters(self.shape, self.vocab_size)
+        self._log(f"training {params / 1e6:.1f}M parameters {self.shape} | vocab {self.vocab_size} (padded "
                   f"{padded_vocab_size(self.vocab_size, self.rt.tp)}) | TP {self.rt.tp} PP {self.rt.pp} "
                   f"DP {self.rt.dp} VP {self.rt.vp} | micro-batches {self.num_microbatches} | loss {args.loss}")
         skipped_in_a_row = 0

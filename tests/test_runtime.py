@@ -99,11 +99,34 @@ def test_data_parallel_step_with_clipping_matches_single_rank():
 
 
 def test_cpu_compat_is_explicit():
-    import torch
+    """Importing the package patches nothing; enable_cpu_compat() does, once, and only without CUDA."""
+    import subprocess
+    import sys
 
-    from megatron_mile import runtime
+    probe = (
+        "import torch, megatron_mile.runtime as rt, megatron_mile.training\n"
+        "from megatron.core.transformer import utils\n"
+        "before = utils.get_default_causal_mask\n"
+        "try:\n"
+        "    torch.cuda.current_device(); print('cuda-ok')\n"
+        "except (AssertionError, RuntimeError):\n"
+        "    print('unpatched')\n"
+        "print(rt.enable_cpu_compat(), rt.enable_cpu_compat())\n"
+        "print(torch.cuda.current_device(), utils.get_default_causal_mask is not before)\n"
+        "print(utils.get_default_causal_mask(3).tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True, check=True)
+    lines = out.stdout.split("\n")
+    assert lines[0] == "unpatched"
+    assert lines[1] == "True True"
+    assert lines[2] == "cpu True"
+    assert lines[3] == "[[False, True, True], [False, False, True], [False, False, False]]"
 
-    # Importing the module patches nothing; enabling it on CPU does.
-    assert runtime._cpu_compat_enabled is False or torch.cuda.is_available() is False
-    assert runtime.enable_cpu_compat() is (not torch.cuda.is_available())
-    assert torch.cuda.current_device() == torch.device("cpu")
+
+@pytest.mark.parametrize("preset,expected", [("468M", 468e6), ("1.2B", 1.2e9), ("6.7B", 6.7e9)])
+def test_presets_have_the_papers_sizes(preset, expected):
+    from megatron_mile import model as mm
+
+    # The paper's LLaMA vocabulary; 1% covers its rounding of the names.
+    assert mm.count_parameters(mm.PRESETS[preset], 32000) == pytest.approx(expected, rel=0.01)
+    assert mm.padded_vocab_size(32000, 4) % 512 == 0 and mm.padded_vocab_size(32000, 1) == 32000
