@@ -168,11 +168,12 @@ class Trainer:
 
     def _grads_finite(self, stats: dict[str, float]) -> bool:
         """One MIN all-reduce over the world: finite loss on the last stage and finite grads everywhere."""
-        finite = all(math.isfinite(stats[k]) for k in STAT_KEYS) or not parallel_state.is_pipeline_last_stage()
+        loss_finite = all(math.isfinite(stats[k]) for k in STAT_KEYS) or not parallel_state.is_pipeline_last_stage()
+        flag = torch.tensor([float(loss_finite)], device=self.rt.device)
         for ddp in self.model:
             for buffer in ddp.buffers:
-                finite = finite and bool(torch.isfinite(buffer.grad_data).all())
-        flag = torch.tensor([1.0 if finite else 0.0], device=self.rt.device)
+                # Stays on the device: one host sync for the whole check, in the all-reduce.
+                flag.mul_(torch.isfinite(buffer.grad_data).all())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
