@@ -18,6 +18,9 @@ from dist_utils import run_ranks
 from megatron_mile.loss import vocab_parallel_ce_and_entropy, weighted_lm_loss
 
 F64 = torch.float64
+# Single-rank cases run their loss here; the float64 reference always runs on the CPU.
+# On a GPU machine: MEGATRON_MILE_TEST_DEVICE=cuda pytest tests/test_loss.py -k single_rank_or_extreme_or_gamma
+DEVICE = torch.device(os.environ.get("MEGATRON_MILE_TEST_DEVICE", "cpu"))
 
 
 # ---------------------------------------------------------------- float64 reference
@@ -80,7 +83,8 @@ def make_data(seed: int, dp: int, columns: int, vocab: int | None, dtype: torch.
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.to(F64) - b.to(F64)).abs().max() / b.to(F64).abs().max().clamp_min(1e-30))
+    a, b = a.detach().cpu().to(F64), b.detach().cpu().to(F64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 1e-2)}  # (forward, gradient) relative
@@ -105,9 +109,9 @@ SINGLE_CASES = [
 @pytest.mark.parametrize("dtype,kind,inplace,vocab,eps,alpha_mode", SINGLE_CASES)
 def test_single_rank_matches_float64_reference(dtype, kind, inplace, vocab, eps, alpha_mode):
     z, t, m = make_data(1, 1, 64, vocab, dtype)
-    leaf = z[0].clone().requires_grad_()
+    leaf = z[0].to(DEVICE).clone().requires_grad_()
     logits = leaf.clone() if inplace else leaf  # a non-leaf buffer for in-place, as in training
-    loss, stats = weighted_lm_loss(logits, t[0], m[0], kind=kind, gamma=1.5, sigma=0.5, alpha_mode=alpha_mode,
+    loss, stats = weighted_lm_loss(logits, t[0].to(DEVICE), m[0].to(DEVICE), kind=kind, gamma=1.5, sigma=0.5, alpha_mode=alpha_mode,
                                    vocab_size=vocab, label_smoothing=eps, inplace=inplace)
     loss.backward()
     ref_loss, ref_grad, ref_stats = reference(z, t, m, 0, kind, 1.5, 0.5, alpha_mode, vocab, eps)
@@ -126,17 +130,17 @@ def test_single_rank_matches_float64_reference(dtype, kind, inplace, vocab, eps,
 @pytest.mark.parametrize("style", ["extreme", "peaked"])
 def test_extreme_and_peaked_logits_are_finite_and_exact(dtype, style):
     z, t, m = make_data(2, 1, 64, None, dtype, style)
-    leaf = z[0].clone().requires_grad_()
-    ce, entropy, p_target = vocab_parallel_ce_and_entropy(leaf, t[0])
-    loss, _ = weighted_lm_loss(leaf, t[0], m[0], kind="mile")
+    leaf = z[0].to(DEVICE).clone().requires_grad_()
+    ce, entropy, p_target = vocab_parallel_ce_and_entropy(leaf, t[0].to(DEVICE))
+    loss, _ = weighted_lm_loss(leaf, t[0].to(DEVICE), m[0].to(DEVICE), kind="mile")
     loss.backward()
     ref_ce, ref_entropy, ref_p = ref_terms(z[0].to(F64), t[0], 64, 0.0)
     _, ref_grad, _ = reference(z, t, m, 0, "mile")
     for value in (ce, entropy, p_target, loss, leaf.grad):
         assert torch.isfinite(value).all()
     assert rel_err(ce, ref_ce) < 1e-6
-    assert float((entropy - ref_entropy).abs().max()) < 1e-5  # H is ~0 or ~log(#ties) here
-    assert float((p_target - ref_p).abs().max()) < 1e-6
+    assert float((entropy.cpu() - ref_entropy).abs().max()) < 1e-5  # H is ~0 or ~log(#ties) here
+    assert float((p_target.cpu() - ref_p).abs().max()) < 1e-6
     assert rel_err(leaf.grad, ref_grad) < TOL[dtype][1]
 
 
@@ -146,8 +150,8 @@ def test_gamma_zero_is_exactly_cross_entropy(kind, dtype):
     z, t, m = make_data(3, 1, 64, 60, dtype)
     results = []
     for k, gamma in ((kind, 0.0), ("ce", 1.0)):
-        leaf = z[0].clone().requires_grad_()
-        loss, stats = weighted_lm_loss(leaf, t[0], m[0], kind=k, gamma=gamma, vocab_size=60)
+        leaf = z[0].to(DEVICE).clone().requires_grad_()
+        loss, stats = weighted_lm_loss(leaf, t[0].to(DEVICE), m[0].to(DEVICE), kind=k, gamma=gamma, vocab_size=60)
         loss.backward()
         results.append((loss, leaf.grad, stats["alpha"]))
     (loss0, grad0, alpha0), (loss_ce, grad_ce, _) = results
