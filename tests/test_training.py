@@ -109,6 +109,16 @@ def test_parallel_layouts_reproduce_single_rank_mile_losses(demo, tmp_path, mile
     assert all(0 < r["alpha"] < 1 and r["entropy"] > 0 for r in mile_tp1)
 
 
+def test_focal_legacy_alpha_and_label_smoothing_agree_across_tensor_parallelism(demo, tmp_path):
+    flags = ["--loss", "focal", "--mile-gamma", "2", "--mile-alpha-mode", "legacy", "--label-smoothing", "0.1"]
+    tp1 = _train(demo, tmp_path, "focal_tp1", 1, *flags, iters=3)
+    tp2 = _train(demo, tmp_path, "focal_tp2", 2, *flags, "--tensor-model-parallel-size", "2", iters=3)
+    for key in ("loss", "ce", "alpha"):
+        np.testing.assert_allclose(_losses(tp2, key), _losses(tp1, key), rtol=2e-5, err_msg=key)
+    # Focal down-weights confident tokens, so alpha = 1/mean(w) exceeds 1.
+    assert all(r["alpha"] > 1 for r in tp1)
+
+
 def test_data_parallel_matches_gradient_accumulation_with_ce(demo, tmp_path):
     """DP=1 with 2 accumulated micro-batches and DP=2 with one each see the same global batch.
     (Under MiLe the per-micro-batch alpha differs between the two by design; see training.py.)"""
