@@ -110,7 +110,8 @@ class Trainer:
         per_stage = self.args.num_layers_per_virtual_pipeline_stage
         if per_stage is None:
             return None
-        return model_shape(self.args).num_layers // (self.args.pipeline_model_parallel_size * per_stage)
+        stages = model_shape(self.args).num_layers // (self.args.pipeline_model_parallel_size * per_stage)
+        return stages if stages > 1 else None  # one chunk per stage is plain 1F1B
 
     def _build_data(self) -> None:
         args = self.args
