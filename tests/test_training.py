@@ -124,7 +124,9 @@ def test_data_parallel_matches_gradient_accumulation_with_ce(demo, tmp_path):
     (Under MiLe the per-micro-batch alpha differs between the two by design; see training.py.)"""
     dp1 = _train(demo, tmp_path, "dp1", 1, "--loss", "ce")
     dp2 = _train(demo, tmp_path, "dp2", 2, "--loss", "ce")
+    dp2_pp2 = _train(demo, tmp_path, "dp2pp2", 4, "--loss", "ce", "--pipeline-model-parallel-size", "2")
     np.testing.assert_allclose(_losses(dp2), _losses(dp1), rtol=2e-5)
+    np.testing.assert_allclose(_losses(dp2_pp2), _losses(dp1), rtol=2e-5)
     np.testing.assert_allclose(_losses(dp1, "alpha"), 1.0)
 
 
