@@ -10,8 +10,10 @@
 #   all-reduces stay inside a node on NVLink. The fp32 Adam state (~80 GB in all) is sharded over
 #   the 64 DP ranks. TP=2 keeps DP large, which beats deeper TP (smaller, less efficient GEMMs)
 #   and PP (a pipeline bubble). On 40 GB cards use PP=2 (DP=32, 32 micro-batches per step, a
-#   ~3% bubble) or EXTRA_ARGS=--recompute-activations. --sequence-parallel needs Transformer
-#   Engine (pip install .[gpu]); PARALLEL_ARGS= turns it off.
+#   ~3% bubble) or EXTRA_ARGS=--recompute-activations. PARALLEL_ARGS= turns sequence
+#   parallelism off. Checkpoints keep the optimizer state dp_reshardable (no gather over 64
+#   ranks); to resume at another TP/PP, pass --no-load-optim, or save with
+#   EXTRA_ARGS=--dist-ckpt-optim-fully-reshardable (needs TE's FusedAdam: pip install .[gpu]).
 # Batch: the paper's ~4M tokens = 2048 sequences x 2048 tokens = 4,194,304 tokens per iteration,
 #   run as micro-batch 2 x DP 64 = 128 sequences per step, 16 accumulation steps.
 # Budget: 100e9 tokens / 4,194,304 = 23,841 iterations (~100.0B tokens).

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_mile.model import PRESETS, ModelShape, resolve_shape, transformer_engine_available
+from megatron_mile.model import PRESETS, ModelShape, resolve_shape
+from megatron_mile.optim import fused_adam_available
 
 
 class ConfigError(ValueError):
@@ -32,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", dest="use_distributed_optimizer", action="store_true",
+                   default=True, help="shard optimizer state over DP (ZeRO-1); the default")
     g.add_argument("--no-distributed-optimizer", dest="use_distributed_optimizer", action="store_false",
-                   help="on CUDA the distributed optimizer (ZeRO-1) is the default")
+                   help="megatron-core's regular optimizer, with full optimizer state on every DP rank")
     g.add_argument("--recompute-activations", action="store_true")
 
     g = p.add_argument_group("batch and length")
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (CUDA only)")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations, fp32 main weights and grads")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--max-skipped-iters", type=int, default=10,
                    help="stop after this many consecutive non-finite iterations")
@@ -79,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save")
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int)
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="restore the model, schedule and data position, but start the optimizer state afresh")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save distributed-optimizer state gathered per parameter, loadable at any TP/PP "
+                        "(default: dp_reshardable, no gather, reloads at the same TP/PP)")
     g.add_argument("--exit-interval", type=int, help="stop (and save) once the iteration is a multiple of this")
 
     g = p.add_argument_group("evaluation and logging")
@@ -105,7 +113,7 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def validate(args: argparse.Namespace, world_size: int, cuda: bool) -> None:
+def validate(args: argparse.Namespace, world_size: int) -> None:
     """Check every flag combination that would otherwise fail deep inside a run."""
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
               "global_batch_size", "train_iters", "num_layers", "hidden_size", "num_attention_heads",
@@ -137,9 +145,6 @@ def validate(args: argparse.Namespace, world_size: int, cuda: bool) -> None:
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                           f"--micro-batch-size {args.micro_batch_size} × data-parallel size {dp}")
-    if args.sequence_parallel and not transformer_engine_available():
-        # megatron-core's plain torch norms cannot reduce sequence-parallel norm grads.
-        raise ConfigError("--sequence-parallel needs Transformer Engine on CUDA (pip install .[gpu])")
     if args.sequence_parallel and tp > 1 and shape.seq_length % tp:
         raise ConfigError(f"--seq-length {shape.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                           "(needed by --sequence-parallel)")
@@ -147,8 +152,9 @@ def validate(args: argparse.Namespace, world_size: int, cuda: bool) -> None:
     if args.lr_warmup_iters >= decay_iters:
         raise ConfigError(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the decay length "
                           f"{decay_iters} (--lr-decay-iters, default --train-iters)")
-    if args.bf16 and not cuda:
-        raise ConfigError("--bf16 needs CUDA; run fp32 on CPU")
+    if args.dist_ckpt_optim_fully_reshardable and args.use_distributed_optimizer and not fused_adam_available():
+        raise ConfigError("--dist-ckpt-optim-fully-reshardable needs apex or Transformer Engine: megatron-core "
+                          "0.16.1 cannot reload that format into torch's Adam")
     if args.mile_gamma < 0:
         raise ConfigError(f"--mile-gamma must be >= 0, got {args.mile_gamma}")
     if not 0.0 <= args.label_smoothing < 1.0:

@@ -6,10 +6,18 @@ Layout of ``--save``::
     iter_0000100/                       # dist_checkpointing directory
     iter_0000200.tmp/                   # a save in progress (or one killed mid-way)
 
-A checkpoint holds the model and optimizer as sharded tensors (so it loads at another
-TP/PP layout), and, as common state, the scheduler, the iteration, the consumed samples,
-the true vocabulary size and the layout it was saved at. Per-rank RNG states are
-sharded objects; they are restored only when the layout is unchanged.
+A checkpoint holds the model as sharded tensors (so it loads at another TP/PP layout), the
+optimizer state in one of the formats below, and, as common state, that format, the
+scheduler, the iteration, the consumed samples, the true vocabulary size and the layout it
+was saved at. Per-rank RNG states are sharded objects; they are restored only when the
+layout is unchanged.
+
+Optimizer formats: ``plain`` (megatron-core's regular optimizers) reshards like the model.
+The distributed optimizer saves ``dp_reshardable`` by default (Megatron-LM's default: every
+rank writes its own flat shards, no gather; it reloads at the same TP/PP, any DP), or
+``fully_reshardable`` with ``--dist-ckpt-optim-fully-reshardable`` (gathered into
+per-parameter tensors over DP, so it reloads at any layout). ``--no-load-optim`` restores
+everything but the optimizer state, for a layout the saved format cannot reach.
 
 Atomicity: every rank writes into ``iter_N.tmp``; after a barrier, rank 0 renames it to
 ``iter_N`` and then replaces the pointer file through a temporary file. A run killed at
@@ -30,6 +38,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from megatron_mile.optim import fused_adam_available
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +102,58 @@ def _restore_rng(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(chunks: list[torch.nn.Module], optimizer, is_loading: bool) -> dict[str, Any]:
+def _optimizers(optimizer: MegatronOptimizer) -> list[MegatronOptimizer]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_format(optimizer: MegatronOptimizer, fully_reshardable: bool) -> str:
+    if any(isinstance(opt, DistributedOptimizer) for opt in _optimizers(optimizer)):
+        return "fully_reshardable" if fully_reshardable else "dp_reshardable"
+    return "plain"
+
+
+def _sharded_state(chunks: list[torch.nn.Module], optimizer: MegatronOptimizer | None, optim_format: str,
+                   is_loading: bool) -> dict[str, Any]:
     # Chunk dicts share local key names, so they stay nested (the sharded keys inside are global).
     state: dict[str, Any] = {f"model{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
-    state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
+    if optimizer is not None:
+        metadata = {} if optim_format == "plain" else {"distrib_optim_sharding_type": optim_format}
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=metadata)
     return state
 
 
-def save_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer, scheduler, train_state: TrainingState,
-                    vocab_size: int, run_args: dict[str, Any]) -> str:
+# megatron-core 0.16.1's DistributedOptimizer assumes apex/TE's FusedAdam, which keeps
+# Adam's step in the param groups. Without them (any CPU, or a GPU without TE) it wraps
+# torch's Adam, which keeps a per-parameter "step" tensor, and two things break on load:
+# state_dict() asserts that a step exists (none does before the first step), and
+# load_state_dict() hands every parameter one shared step tensor that the param-state
+# copy then overwrites with the template's value.
+def _is_distributed_torch_adam(optimizer: MegatronOptimizer) -> bool:
+    return not fused_adam_available() and isinstance(optimizer, DistributedOptimizer)
+
+
+def _materialize_adam_state(optimizer: MegatronOptimizer) -> None:
+    for opt in _optimizers(optimizer):
+        if _is_distributed_torch_adam(opt) and not opt.optimizer.state:
+            # megatron's own initialiser: one zero-grad step at the scheduler's lr, which
+            # the load then overwrites.
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer: MegatronOptimizer, loaded: dict[str, Any]) -> None:
+    opts = _optimizers(optimizer)
+    states = [loaded] if len(opts) == 1 else [loaded[i] for i in range(len(opts))]
+    for opt, state in zip(opts, states):
+        if not _is_distributed_torch_adam(opt):
+            continue
+        (step,) = {group["step"] for group in state["optimizer"]["param_groups"]}
+        for param_state in opt.optimizer.state.values():
+            param_state["step"] = torch.tensor(float(step))
+
+
+def save_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: MegatronOptimizer, scheduler,
+                    train_state: TrainingState, vocab_size: int, run_args: dict[str, Any],
+                    fully_reshardable: bool = False) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     final = checkpoint_dir(root, train_state.iteration)
     staging = final + ".tmp"
@@ -108,9 +163,10 @@ def save_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer, schedul
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    state = _sharded_state(chunks, optimizer, is_loading=False)
+    optim_format = optimizer_format(optimizer, fully_reshardable)
+    state = _sharded_state(chunks, optimizer, optim_format, is_loading=False)
     state["rng_state"] = _rng_state()
-    state.update(scheduler=scheduler.state_dict(), iteration=train_state.iteration,
+    state.update(scheduler=scheduler.state_dict(), optimizer_format=optim_format, iteration=train_state.iteration,
                  consumed_samples=train_state.consumed_samples, vocab_size=vocab_size, layout=_layout(),
                  args=run_args)
     dist_checkpointing.save(state, staging)
@@ -129,9 +185,13 @@ def save_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer, schedul
     return final
 
 
-def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer, scheduler, vocab_size: int,
-                    ) -> TrainingState | None:
-    """Restore the latest complete checkpoint under ``root``; None when there is none yet."""
+def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: MegatronOptimizer, scheduler,
+                    vocab_size: int, load_optimizer: bool = True) -> TrainingState | None:
+    """Restore the latest complete checkpoint under ``root``; None when there is none yet.
+
+    With ``load_optimizer=False`` the optimizer keeps its fresh state, its main params
+    re-read from the loaded model.
+    """
     iteration = latest_iteration(root)
     if iteration is None:
         return None
@@ -143,13 +203,23 @@ def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer, schedul
         raise CheckpointError(f"--tokenizer-model has {vocab_size} tokens, more than the {common['vocab_size']} "
                               f"of the checkpoint {path}")
     same_layout = common["layout"] == _layout()
-    state = _sharded_state(chunks, optimizer, is_loading=True)
+    saved_format = common.get("optimizer_format", "plain")
+    if load_optimizer:
+        _check_optimizer_format(path, saved_format, optimizer_format(optimizer, False), common["layout"])
+        _materialize_adam_state(optimizer)
+    state = _sharded_state(chunks, optimizer if load_optimizer else None, saved_format, is_loading=True)
     if same_layout:
         state["rng_state"] = _rng_state()
     loaded = dist_checkpointing.load(state, path)
     for index, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"model{index}"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    if load_optimizer:
+        # No autograd here: fp32 params' distributed-optimizer shards are views of leaf params.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer, loaded["optimizer"])
+    else:
+        optimizer.reload_model_params()
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])
@@ -157,3 +227,19 @@ def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer, schedul
         log.info("checkpoint layout %s differs from this run's %s: RNG states start fresh",
                  common["layout"], _layout())
     return TrainingState(iteration=loaded["iteration"], consumed_samples=loaded["consumed_samples"])
+
+
+def _check_optimizer_format(path: str, saved: str, this_run: str, saved_layout: dict[str, int]) -> None:
+    """Refuse, in one line, optimizer state this run cannot read."""
+    saved_plain, this_plain = saved == "plain", this_run == "plain"
+    if saved_plain != this_plain:
+        wanted = "--no-distributed-optimizer" if saved_plain else "--use-distributed-optimizer"
+        raise CheckpointError(f"checkpoint {path} holds {saved} optimizer state; resume with {wanted}, "
+                              "or pass --no-load-optim")
+    if saved == "fully_reshardable" and not fused_adam_available():
+        raise CheckpointError(f"checkpoint {path} holds fully_reshardable optimizer state, which megatron-core "
+                              "0.16.1 loads only into apex/Transformer Engine's FusedAdam; pass --no-load-optim")
+    if saved == "dp_reshardable" and saved_layout != _layout():
+        raise CheckpointError(f"checkpoint {path} holds dp_reshardable optimizer state saved at "
+                              f"TP {saved_layout['tp']} PP {saved_layout['pp']}, which loads only at that TP/PP; "
+                              "pass --no-load-optim, or save with --dist-ckpt-optim-fully-reshardable")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 INIT_STD = 0.01
@@ -117,13 +118,32 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
     )
 
 
-def layer_spec(config: TransformerConfig):
-    """Transformer Engine's spec (fused kernels, flash attention) on CUDA when installed."""
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm behind megatron-core's norm interface, usable with sequence parallelism.
+
+    megatron-core's own torch-norm wrapper refuses sequence parallelism because nothing
+    marks its weight: under SP each TP rank sees a different slice of the sequence, so the
+    norm weights' grads are partial sums. Tagging ``weight.sequence_parallel`` makes
+    ``finalize_model_grads`` all-reduce them over the TP group (as apex's and TE's norms do).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused_fused_options):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def block_spec(config: TransformerConfig, vp_stage: int | None):
+    """The decoder spec: Transformer Engine's layers (fused kernels, flash attention) on CUDA
+    when installed, otherwise megatron-core's local layers with ``LocalRMSNorm``."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=LocalRMSNorm,
+                                              pre_mlp_layernorm=LocalRMSNorm))
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=LocalRMSNorm)
 
 
 def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: int, seed: int,
@@ -131,13 +151,12 @@ def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: i
     """This rank's GPTModel chunks (one, or one per virtual stage with interleaving)."""
     tp = config.tensor_model_parallel_size
     vp = config.virtual_pipeline_model_parallel_size
-    spec = layer_spec(config)
     chunks = []
     for vp_stage in range(vp or 1):
         stage = vp_stage if vp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(config, stage),
             vocab_size=padded_vocab_size(vocab_size, tp),
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=stage),

@@ -7,16 +7,13 @@ after linear warm-up, gradient clipping at 1.0, bf16 with fp32 main weights.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, distrib_optimizer, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,12 +34,12 @@ class OptimSettings:
 
 def wrap_data_parallel(config: TransformerConfig, chunks: list[torch.nn.Module], settings: OptimSettings,
                        ) -> list[DistributedDataParallel]:
-    """megatron-core DDP with contiguous fp32 grad buffers; overlap and ZeRO-1 only on CUDA."""
-    on_gpu = torch.cuda.is_available()
+    """megatron-core DDP with contiguous fp32 grad buffers, bucketed reduction overlapped with
+    the backward pass, and reduce-scatter into the distributed optimizer's shards."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=settings.overlap_grad_reduce and on_gpu,
-        use_distributed_optimizer=distributed_optimizer_enabled(settings),
+        overlap_grad_reduce=settings.overlap_grad_reduce,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
         # The training loop checks the loss and the grad norm for NaN/inf itself.
         check_for_nan_in_grad=False,
     )
@@ -60,12 +57,16 @@ def wrap_data_parallel(config: TransformerConfig, chunks: list[torch.nn.Module],
 
 def distributed_optimizer_enabled(settings: OptimSettings) -> bool:
     """The distributed optimizer shards state with reduce-scatter on CUDA tensors; CPU uses the plain one."""
-    return settings.use_distributed_optimizer and torch.cuda.is_available()
+    return settings.use_distributed_optimizer
+
+
+def fused_adam_available() -> bool:
+    """megatron-core uses apex's or Transformer Engine's FusedAdam when either is installed,
+    else torch's Adam (always so on CPU)."""
+    return distrib_optimizer.HAVE_APEX_OR_TE
 
 
 def build_optimizer(model: list[DistributedDataParallel], settings: OptimSettings, bf16: bool) -> MegatronOptimizer:
-    if settings.use_distributed_optimizer and not distributed_optimizer_enabled(settings):
-        log.info("no CUDA: using megatron-core's plain optimizer instead of the distributed optimizer")
     config = OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
@@ -77,7 +78,7 @@ def build_optimizer(model: list[DistributedDataParallel], settings: OptimSetting
         clip_grad=settings.clip_grad,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=distributed_optimizer_enabled(settings),
+        use_distributed_optimizer=settings.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, model)
 

@@ -20,15 +20,19 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    the optimizers' constructors (loss-scale and found-inf scalars), are created on the
    CPU: those functions run under a torch-function mode that rewrites CUDA devices to
    ``cpu``.
-4. ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; on CPU the
+4. The distributed optimizer's constructor sorts parameters by their CUDA type names
+   (``"torch.cuda.FloatTensor"``, ...) and rejects anything else; under the same mode
+   ``Tensor.type()`` reports a CPU tensor by its CUDA name.
+5. ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; on CPU the
    optimizer uses an equivalent that scales the grads in place with ``torch._foreach_mul_``.
-5. ``torch.cuda.synchronize()`` is a no-op (CPU work is already synchronous): the
+6. ``torch.cuda.synchronize()`` is a no-op (CPU work is already synchronous): the
    ``dist_checkpointing`` writer calls it after staging tensors to host memory.
 
-Two more CUDA assumptions are configuration, not patches, and live where the config is
-built (``megatron_mile.model``): the distributed optimizer (it needs reduce-scatter on
-CUDA tensors) falls back to the plain optimizer with a log line, and
-``batch_p2p_sync`` (a ``torch.cuda.synchronize()`` around p2p) is turned off.
+One more CUDA assumption is configuration, not a patch, and lives where the config is
+built (``megatron_mile.model``): ``batch_p2p_sync`` (a ``torch.cuda.synchronize()``
+around p2p) is turned off. With these in place the GPU recipe itself (bf16 with fp32 main
+weights, the distributed optimizer, overlapped grad reduce-scatter, sequence
+parallelism) runs on gloo; only Transformer Engine and the fused kernels stay CUDA-only.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def _is_cuda_device(device: Any) -> bool:
 
 
 class _CudaDevicesOnCpu(TorchFunctionMode):
-    """Rewrites ``device=cuda`` (and ``pin_memory``) in torch calls to the CPU."""
+    """Rewrites ``device=cuda`` (and ``pin_memory``) in torch calls to the CPU, and names
+    CPU tensors by their CUDA types."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -77,6 +82,9 @@ class _CudaDevicesOnCpu(TorchFunctionMode):
             kwargs = {**kwargs, "pin_memory": False}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron-core sorts parameters by their CUDA type names ("torch.cuda.FloatTensor").
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 
@@ -114,6 +122,7 @@ def enable_cpu_compat() -> bool:
 
     from megatron.core.fusions import fused_softmax
     from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
@@ -128,7 +137,7 @@ def enable_cpu_compat() -> bool:
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
-    # 3. Literal device="cuda" tensors.
+    # 3. Literal device="cuda" tensors (and 4., CUDA type names, for the distributed optimizer).
     causal_mask = _cuda_literals_on_cpu(transformer_utils.get_default_causal_mask)
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
@@ -141,13 +150,13 @@ def enable_cpu_compat() -> bool:
         setattr(clip_grads, name, patched)
         setattr(mcore_optimizer, name, patched)
 
-    for cls in (mcore_optimizer.FP32Optimizer, mcore_optimizer.MixedPrecisionOptimizer):
+    for cls in (mcore_optimizer.FP32Optimizer, mcore_optimizer.MixedPrecisionOptimizer, DistributedOptimizer):
         cls.__init__ = _cuda_literals_on_cpu(cls.__init__)
 
-    # 4. The CUDA-typed grad assertion in clipping.
+    # 5. The CUDA-typed grad assertion in clipping.
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
 
-    # 5. Nothing to wait for on the CPU.
+    # 6. Nothing to wait for on the CPU.
     torch.cuda.synchronize = lambda device=None: None
 
     _cpu_compat_enabled = True

@@ -11,10 +11,15 @@ import os
 import sys
 import warnings
 
-import torch
+# megatron-core warns at import about optional CUDA extensions that a CPU run does not use,
+# so the filter goes in before the first import of it; the environment variable carries it
+# into the checkpoint writer's processes.
+_QUIET = ("Transformer Engine and Apex are not installed", "Apex is not installed")
+for _message in _QUIET:
+    warnings.filterwarnings("ignore", message=_message)
 
-from megatron_mile.arguments import ConfigError, parse_args, validate
-from megatron_mile.checkpointing import CheckpointError
+from megatron_mile.arguments import ConfigError, parse_args, validate  # noqa: E402
+from megatron_mile.checkpointing import CheckpointError  # noqa: E402
 
 
 def _fail(message: str) -> None:
@@ -27,18 +32,13 @@ def _fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        validate(args, world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
+        validate(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         _fail(str(err))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # Our own decisions (CPU layer, optimizer fallback, resharded RNG) are worth a line; megatron's chatter is not.
+    # Our own decisions (CPU layer, resharded RNG) are worth a line; megatron's chatter is not.
     logging.getLogger("megatron_mile").setLevel(logging.INFO)
-    # megatron-core warns at import about optional CUDA extensions that a CPU run does not use;
-    # the environment variable carries the filter into the checkpoint writer's processes.
-    quiet = ("Transformer Engine and Apex are not installed", "Apex is not installed")
-    for message in quiet:
-        warnings.filterwarnings("ignore", message=message)
-    os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore:{m}" for m in quiet))
+    os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore:{m}" for m in _QUIET))
 
     from megatron_mile.training import TrainingAborted, pretrain
 

@@ -92,7 +92,7 @@ class Trainer:
         self.state = TrainingState()
         if args.load:
             loaded = checkpointing.load_checkpoint(args.load, self.chunks, self.optimizer, self.scheduler,
-                                                   self.vocab_size)
+                                                   self.vocab_size, load_optimizer=not args.no_load_optim)
             if loaded:
                 self.state = loaded
                 self._log(f"resumed from {args.load} at iteration {loaded.iteration}")
@@ -238,7 +238,8 @@ class Trainer:
         if not self.args.save:
             return
         path = checkpointing.save_checkpoint(self.args.save, self.chunks, self.optimizer, self.scheduler,
-                                             self.state, self.vocab_size, run_args=vars(self.args))
+                                             self.state, self.vocab_size, run_args=vars(self.args),
+                                             fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable)
         self._log(f"saved checkpoint {path}")
 
     def train(self) -> None:

@@ -21,7 +21,8 @@ def _batch(index: int):
     return tokens, torch.randint(0, VOCAB, (MBS, SEQ), generator=g)
 
 
-def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, step: bool):
+def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, step: bool,
+                distributed_optimizer: bool = True):
     """Forward+backward of 2 micro-batches through the schedules; returns the losses and
     the grad of the final norm (or, with `step`, the parameters after one clipped step)."""
     import torch
@@ -34,7 +35,8 @@ def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, 
     rt = runtime.initialize(tp, pp, seed=7)
     cfg = mm.build_transformer_config(mm.PRESETS["tiny"], tp=tp, pp=pp)
     chunks = mm.build_model_chunks(cfg, VOCAB, SEQ, seed=7, device=rt.device)
-    settings = optim.OptimSettings(lr=1e-2, clip_grad=0.05, lr_warmup_iters=0)
+    settings = optim.OptimSettings(lr=1e-2, clip_grad=0.05, lr_warmup_iters=0,
+                                   use_distributed_optimizer=distributed_optimizer)
     model = optim.wrap_data_parallel(cfg, chunks, settings)
     optimizer = optim.build_optimizer(model, settings, bf16=False)
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -87,9 +89,10 @@ def test_model_parallel_forward_backward_matches_single_rank(reference, tp, pp):
     assert reference["losses"][0] > 0
 
 
-def test_data_parallel_step_with_clipping_matches_single_rank():
-    single = run_ranks(_run_layout, 1, 1, 1, 2, True)[0]
-    dp2 = run_ranks(_run_layout, 2, 1, 1, 1, True)
+@pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distributed", "regular"])
+def test_data_parallel_step_with_clipping_matches_single_rank(distributed_optimizer):
+    single = run_ranks(_run_layout, 1, 1, 1, 2, True, False)[0]
+    dp2 = run_ranks(_run_layout, 2, 1, 1, 1, True, distributed_optimizer)
     # The grad norm exceeds clip_grad, so the update was really clipped.
     assert single["grad_norm"] > 0.05
     for r in dp2:

@@ -93,6 +93,9 @@ def test_evaluation_reports_overall_and_per_domain_log_ppl(mile_tp1):
 
 @pytest.mark.parametrize("name,nproc,layout", [
     ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
+    # Sequence-parallel norm grads are partial sums per TP rank; left un-reduced they move
+    # the grad norm by ~1e-5 here, which the grad-norm check below catches.
+    ("tp2_sp", 2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
     ("tp2pp2", 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     ("pp2_interleaved", 2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
@@ -104,6 +107,7 @@ def test_parallel_layouts_reproduce_single_rank_mile_losses(demo, tmp_path, mile
     assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
     for key in ("loss", "ce", "entropy", "alpha"):
         np.testing.assert_allclose(_losses(records, key), _losses(mile_tp1, key), rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(_losses(records, "grad_norm"), _losses(mile_tp1, "grad_norm"), rtol=2e-6)
     # Training moved: the loss fell, and MiLe reported CE beside its own objective.
     assert _losses(mile_tp1)[-1] < _losses(mile_tp1)[0]
     assert all(0 < r["alpha"] < 1 and r["entropy"] > 0 for r in mile_tp1)
@@ -120,13 +124,17 @@ def test_focal_legacy_alpha_and_label_smoothing_agree_across_tensor_parallelism(
 
 
 def test_data_parallel_matches_gradient_accumulation_with_ce(demo, tmp_path):
-    """DP=1 with 2 accumulated micro-batches and DP=2 with one each see the same global batch.
+    """DP=1 with 2 accumulated micro-batches and DP=2 with one each see the same global batch,
+    with the distributed optimizer (the default: overlapped reduce-scatter into per-rank
+    optimizer shards) and with megatron-core's regular one (all-reduce).
     (Under MiLe the per-micro-batch alpha differs between the two by design; see training.py.)"""
     dp1 = _train(demo, tmp_path, "dp1", 1, "--loss", "ce")
-    dp2 = _train(demo, tmp_path, "dp2", 2, "--loss", "ce")
-    dp2_pp2 = _train(demo, tmp_path, "dp2pp2", 4, "--loss", "ce", "--pipeline-model-parallel-size", "2")
-    np.testing.assert_allclose(_losses(dp2), _losses(dp1), rtol=2e-5)
-    np.testing.assert_allclose(_losses(dp2_pp2), _losses(dp1), rtol=2e-5)
+    runs = {"dp2": _train(demo, tmp_path, "dp2", 2, "--loss", "ce"),
+            "dp2_plain": _train(demo, tmp_path, "dp2_plain", 2, "--loss", "ce", "--no-distributed-optimizer"),
+            "dp2pp2": _train(demo, tmp_path, "dp2pp2", 4, "--loss", "ce", "--pipeline-model-parallel-size", "2")}
+    for name, records in runs.items():
+        np.testing.assert_allclose(_losses(records), _losses(dp1), rtol=2e-5, err_msg=name)
+        np.testing.assert_allclose(_losses(records, "grad_norm"), _losses(dp1, "grad_norm"), rtol=2e-5, err_msg=name)
     np.testing.assert_allclose(_losses(dp1, "alpha"), 1.0)
 
 
@@ -137,8 +145,12 @@ def test_mile_with_gamma_zero_reproduces_ce(demo, tmp_path):
     np.testing.assert_allclose(_losses(mile0, "ce"), _losses(ce, "ce"), rtol=1e-6)
 
 
-def test_resume_is_exact_and_appends_metrics(demo, tmp_path):
-    layout = ["--tensor-model-parallel-size", "2"]
+@pytest.mark.parametrize("layout", [
+    ["--tensor-model-parallel-size", "2"],
+    # DP=2: the distributed optimizer's state is split over the two ranks (dp_reshardable).
+    ["--loss", "ce"],
+], ids=["tp2", "dp2"])
+def test_resume_is_exact_and_appends_metrics(demo, tmp_path, layout):
     full = _train(demo, tmp_path, "full", 2, *layout, iters=6)
     save = str(tmp_path / "halves")
     # Same schedule (--train-iters 6) in both halves; the first stops after 3.
@@ -151,12 +163,46 @@ def test_resume_is_exact_and_appends_metrics(demo, tmp_path):
 
 
 def test_checkpoint_reshards_tp2_to_tp1(demo, tmp_path):
-    save = str(tmp_path / "reshard")
-    _train(demo, tmp_path, "tp2", 2, "--tensor-model-parallel-size", "2", "--exit-interval", "3", iters=5,
-           save=save)
-    resumed = _train(demo, tmp_path, "tp1", 1, "--load", save, iters=5, save=save)
-    reference = _train(demo, tmp_path, "ref", 2, "--tensor-model-parallel-size", "2", iters=5)
+    """The model and the regular optimizer's state reshard; the distributed optimizer's
+    dp_reshardable state does not, so it is refused in one line unless --no-load-optim."""
+    tp2 = ["--tensor-model-parallel-size", "2"]
+    reference = _train(demo, tmp_path, "ref", 2, *tp2, "--no-distributed-optimizer", iters=5)
+    plain = str(tmp_path / "plain")
+    _train(demo, tmp_path, "tp2", 2, *tp2, "--no-distributed-optimizer", "--exit-interval", "3", iters=5, save=plain)
+    proc = subprocess.run(_command(demo, 1, plain, "--load", plain, iters=5), capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    _assert_one_line_error(proc, "holds plain optimizer state; resume with --no-distributed-optimizer")
+    resumed = _train(demo, tmp_path, "tp1", 1, "--no-distributed-optimizer", "--load", plain, iters=5, save=plain)
     np.testing.assert_allclose(_losses(resumed)[3:], _losses(reference)[3:], rtol=1e-4)
+
+    sharded = str(tmp_path / "sharded")
+    _train(demo, tmp_path, "tp2_dist", 2, *tp2, "--exit-interval", "3", iters=5, save=sharded)
+    proc = subprocess.run(_command(demo, 1, sharded, "--load", sharded, iters=5), capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    _assert_one_line_error(proc, "dp_reshardable optimizer state saved at TP 2 PP 1")
+    fresh_optim = _train(demo, tmp_path, "tp1_fresh", 1, "--load", sharded, "--no-load-optim", iters=5, save=sharded)
+    # The weights after step 3 were restored (step 4's loss); Adam then restarts from zero moments.
+    np.testing.assert_allclose(_losses(fresh_optim)[3], _losses(reference)[3], rtol=1e-4)
+    assert abs(_losses(fresh_optim)[4] - _losses(reference)[4]) > 1e-4
+
+
+def test_bf16_mixed_precision_tracks_fp32(demo, tmp_path, mile_tp1):
+    """--bf16 at DP=2 (bf16 weights and activations, fp32 grads and main weights in the
+    distributed optimizer) follows the fp32 run to bf16 accuracy, and checkpoints bf16 weights."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    save = str(tmp_path / "bf16")
+    records = _train(demo, tmp_path, "bf16", 2, "--loss", "mile", "--bf16", save=save)
+    fp32 = mile_tp1["train"]
+    np.testing.assert_allclose(_losses(records), _losses(fp32), rtol=1e-3)
+    np.testing.assert_allclose(_losses(records, "grad_norm"), _losses(fp32, "grad_norm"), rtol=1e-2)
+    assert not np.array_equal(_losses(records), _losses(fp32))
+    flat = str(tmp_path / "flat.pt")
+    dcp_to_torch_save(os.path.join(save, f"iter_{ITERS:07d}"), flat)
+    state = torch.load(flat, weights_only=False)
+    assert state["embedding.word_embeddings.weight"].dtype == torch.bfloat16
+    assert state["output_layer.weight"].dtype == torch.bfloat16
 
 
 def test_killed_save_resumes_from_previous_checkpoint(demo, tmp_path):
@@ -245,8 +291,9 @@ BAD_CONFIGS = [
     (["--global-batch-size", "6", "--micro-batch-size", "2"], 2,
      "--global-batch-size 6 is not divisible by --micro-batch-size 2 × data-parallel size 2"),
     (["--tokenizer-model", "/nonexistent/tok.model"], 1, "--tokenizer-model: /nonexistent/tok.model does not exist"),
-    (["--bf16"], 1, "--bf16 needs CUDA"),
-    (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2, "--sequence-parallel needs Transformer Engine"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "33"], 2,
+     "--seq-length 33 is not divisible by --tensor-model-parallel-size 2"),
+    (["--dist-ckpt-optim-fully-reshardable"], 1, "--dist-ckpt-optim-fully-reshardable needs apex or Transformer Engine"),
     (["--lr-warmup-iters", "50"], 1, "--lr-warmup-iters 50 must be smaller"),
     (["--model-preset", "468M", "--tensor-model-parallel-size", "32"], 32, "--num-attention-heads 16 is not divisible"),
 ]
