@@ -2,12 +2,13 @@
 # CPU torch wheel first (so pip never pulls a multi-GB CUDA build), then the package.
 # On a GPU machine override the pin, e.g. `make test TORCH_SPEC=torch`.
 PYTHON ?= python3
+WHEEL_DIR ?= .whl
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron-mile-installed
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench gpu-wheels
 
 setup: $(STAMP)
 
@@ -26,3 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss_bench.py
+
+# Wheels a lent GPU (Python 3.12, torch, no megatron-core) needs for benchmarks/gpu_session.sh.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(WHEEL_DIR) megatron-core==0.16.1 zstandard==0.25.0

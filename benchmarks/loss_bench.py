@@ -1,7 +1,8 @@
-"""Forward+backward time and peak extra memory of the LM losses on CPU, as ratios to megatron-core.
+"""Forward+backward time and peak extra memory of the LM losses, as ratios to megatron-core.
 
     python benchmarks/loss_bench.py                 # 2048 x 32000 fp32 logits, TP=1 and TP=2 (gloo)
     python benchmarks/loss_bench.py --rows 256      # a quicker look
+    python benchmarks/loss_bench.py --device cuda --rows 8192 --dtype bf16   # one GPU (TP=1, NCCL)
 
 Cases: megatron-core's ``vocab_parallel_cross_entropy`` (the baseline); this project's CE, focal
 and MiLe through ``weighted_lm_loss``, in place and out of place; and, at TP=1 only (it has no
@@ -16,7 +17,11 @@ lives; each repetition starts from a fresh copy of the same logits.
 Time: median over ``--repeats`` of the wall time of forward+backward on rank 0, all cases
 interleaved in one process group per TP size (after one warm-up round), a barrier before each.
 
-Memory: each case runs in a fresh process group started with ``MALLOC_MMAP_THRESHOLD_=65536``,
+On CUDA the clock stops after ``torch.cuda.synchronize()``, and the peak extra memory is
+``max_memory_allocated()`` across one forward+backward minus what was allocated before it,
+divided by the bytes of the logits (the caching allocator's view: live tensors only).
+
+CPU memory: each case runs in a fresh process group started with ``MALLOC_MMAP_THRESHOLD_=65536``,
 so every buffer above 64 KiB is its own mmap and goes back to the OS when freed. After a warm-up
 call, ``/proc/self/clear_refs`` (``5``) resets the high-water mark and the peak extra memory is
 ``VmHWM - VmRSS`` across one forward+backward, i.e. pages really touched, divided by the bytes of
@@ -71,14 +76,15 @@ def loss_fn(case: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
 class _Setup:
     """This rank's logits shard, targets and mask, and a producer node that drops the gradient."""
 
-    def __init__(self, rows: int, vocab: int, tp: int, rank: int):
+    def __init__(self, rows: int, vocab: int, tp: int, rank: int, device: str, dtype: torch.dtype):
         gen = torch.Generator().manual_seed(0)
         full_target = torch.randint(0, vocab, (rows,), generator=gen)
         part = vocab // tp
-        self.source = (2 * torch.randn(rows, part, generator=torch.Generator().manual_seed(1 + rank)))
+        source = 2 * torch.randn(rows, part, generator=torch.Generator().manual_seed(1 + rank))
+        self.source = source.to(device=device, dtype=dtype)
         self.buffer = torch.empty_like(self.source)
-        self.target, self.mask = full_target, torch.ones(rows)
-        self.anchor = torch.zeros((), requires_grad=True)
+        self.target, self.mask = full_target.to(device), torch.ones(rows, device=device)
+        self.anchor = torch.zeros((), requires_grad=True, device=device)
         buffer = self.buffer
 
         class Produce(torch.autograd.Function):
@@ -101,27 +107,45 @@ def _rss_kib(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
 
 
-def _worker(rank: int, tp: int, store: str, mode: str, cases: list[str], rows: int, vocab: int,
-            repeats: int, results) -> None:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _worker(rank: int, tp: int, store: str, mode: str, cases: list[str], args: argparse.Namespace,
+            results) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=tp)
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=tp)
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    setup = _Setup(rows, vocab, tp, rank)
+    setup = _Setup(args.rows, args.vocab, tp, rank, args.device, DTYPES[args.dtype])
+    sync = torch.cuda.synchronize if cuda else lambda: None
     fns = {case: loss_fn(case) for case in cases}
     out: dict[str, object] = {}
     if mode == "time":
         times: dict[str, list[float]] = {case: [] for case in cases}
-        for rep in range(repeats + 1):  # round 0 is a warm-up
+        for rep in range(args.repeats + 1):  # round 0 is a warm-up
             for case in cases:
                 setup.buffer.copy_(setup.source)
+                sync()
                 dist.barrier()
                 start = time.perf_counter()
                 setup.run(fns[case])
+                sync()
                 if rep:
                     times[case].append(time.perf_counter() - start)
         out = {case: statistics.median(ts) for case, ts in times.items()}
+    elif cuda:
+        for case in cases:
+            setup.buffer.copy_(setup.source)
+            setup.run(fns[case])  # warm-up
+            setup.buffer.copy_(setup.source)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            setup.run(fns[case])
+            torch.cuda.synchronize()
+            out[case] = (torch.cuda.max_memory_allocated() - base) / setup.buffer.nbytes
     else:
         (case,) = cases
         setup.buffer.copy_(setup.source)
@@ -144,8 +168,8 @@ def spawn(tp: int, mode: str, cases: list[str], args: argparse.Namespace) -> lis
     if mode == "memory":
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, tp, os.path.join(tmp, "store"), mode, cases, args.rows,
-                                                   args.vocab, args.repeats, results)) for r in range(tp)]
+        procs = [ctx.Process(target=_worker, args=(r, tp, os.path.join(tmp, "store"), mode, cases, args, results))
+                 for r in range(tp)]
         for p in procs:
             p.start()
         if saved is None:
@@ -172,19 +196,29 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the logits' dtype")
     args = parser.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device on this machine")
+        args.tp = [1]  # one GPU
 
     table: dict[int, dict[str, tuple[float, float]]] = {}
     for tp in args.tp:
         cases = [c for c in CASES if tp == 1 or c != "original_mile"]
         times = spawn(tp, "time", cases, args)[0]
-        memory = {case: max(r[case] for r in spawn(tp, "memory", [case], args)) for case in cases}
+        if args.device == "cuda":
+            memory = spawn(tp, "memory", cases, args)[0]
+        else:
+            memory = {case: max(r[case] for r in spawn(tp, "memory", [case], args)) for case in cases}
         table[tp] = {case: (times[case], memory[case]) for case in cases}
 
+    machine = (f"GPU: {torch.cuda.get_device_name()}" if args.device == "cuda"
+               else f"CPU: {cpu_model()}, {os.cpu_count()} cores, 1 thread per rank")
     print(f"`python benchmarks/loss_bench.py {' '.join(sys.argv[1:])}`".replace(" `", "`"))
-    print(f"{args.rows} x {args.vocab} fp32 logits, fwd+bwd, 1 thread per rank, median of {args.repeats}; "
-          f"torch {torch.__version__}; CPU: {cpu_model()}, {os.cpu_count()} cores; "
-          f"load average at the end {os.getloadavg()[0]:.2f}\n")
+    print(f"{args.rows} x {args.vocab} {args.dtype} logits, fwd+bwd, median of {args.repeats}; "
+          f"torch {torch.__version__}; {machine}; load average at the end {os.getloadavg()[0]:.2f}\n")
     header = "| case |" + "".join(f" TP={tp} time ms | TP={tp} time / megatron | TP={tp} peak extra / logits |"
                                   for tp in table)
     print(header)
