@@ -55,11 +55,6 @@ def wrap_data_parallel(config: TransformerConfig, chunks: list[torch.nn.Module],
     return wrapped
 
 
-def distributed_optimizer_enabled(settings: OptimSettings) -> bool:
-    """The distributed optimizer shards state with reduce-scatter on CUDA tensors; CPU uses the plain one."""
-    return settings.use_distributed_optimizer
-
-
 def fused_adam_available() -> bool:
     """megatron-core uses apex's or Transformer Engine's FusedAdam when either is installed,
     else torch's Adam (always so on CPU)."""

@@ -20,8 +20,8 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    the optimizers' constructors (loss-scale and found-inf scalars), are created on the
    CPU: those functions run under a torch-function mode that rewrites CUDA devices to
    ``cpu``.
-4. The distributed optimizer's constructor sorts parameters by their CUDA type names
-   (``"torch.cuda.FloatTensor"``, ...) and rejects anything else; under the same mode
+4. The bf16 and distributed optimizers' constructors sort parameters by their CUDA type
+   names (``"torch.cuda.FloatTensor"``, ...) and reject anything else; under the same mode
    ``Tensor.type()`` reports a CPU tensor by its CUDA name.
 5. ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; on CPU the
    optimizer uses an equivalent that scales the grads in place with ``torch._foreach_mul_``.
@@ -122,8 +122,8 @@ def enable_cpu_compat() -> bool:
 
     from megatron.core.fusions import fused_softmax
     from megatron.core.optimizer import clip_grads
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer import optimizer as mcore_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import utils as transformer_utils
@@ -137,7 +137,7 @@ def enable_cpu_compat() -> bool:
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
-    # 3. Literal device="cuda" tensors (and 4., CUDA type names, for the distributed optimizer).
+    # 3. Literal device="cuda" tensors (and 4., CUDA type names, in the optimizers' constructors).
     causal_mask = _cuda_literals_on_cpu(transformer_utils.get_default_causal_mask)
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
@@ -150,7 +150,8 @@ def enable_cpu_compat() -> bool:
         setattr(clip_grads, name, patched)
         setattr(mcore_optimizer, name, patched)
 
-    for cls in (mcore_optimizer.FP32Optimizer, mcore_optimizer.MixedPrecisionOptimizer, DistributedOptimizer):
+    for cls in (mcore_optimizer.FP32Optimizer, mcore_optimizer.MixedPrecisionOptimizer,
+                mcore_optimizer.Float16OptimizerWithFloat16Params, DistributedOptimizer):
         cls.__init__ = _cuda_literals_on_cpu(cls.__init__)
 
     # 5. The CUDA-typed grad assertion in clipping.

@@ -187,17 +187,21 @@ def test_checkpoint_reshards_tp2_to_tp1(demo, tmp_path):
 
 
 def test_bf16_mixed_precision_tracks_fp32(demo, tmp_path, mile_tp1):
-    """--bf16 at DP=2 (bf16 weights and activations, fp32 grads and main weights in the
-    distributed optimizer) follows the fp32 run to bf16 accuracy, and checkpoints bf16 weights."""
+    """--bf16 (bf16 weights and activations, fp32 grads and main weights) follows the fp32 run
+    to bf16 accuracy with the distributed optimizer at DP=2 and with megatron-core's bf16
+    optimizer at TP=2 with sequence parallelism, and checkpoints bf16 weights."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     save = str(tmp_path / "bf16")
-    records = _train(demo, tmp_path, "bf16", 2, "--loss", "mile", "--bf16", save=save)
     fp32 = mile_tp1["train"]
-    np.testing.assert_allclose(_losses(records), _losses(fp32), rtol=1e-3)
-    np.testing.assert_allclose(_losses(records, "grad_norm"), _losses(fp32, "grad_norm"), rtol=1e-2)
-    assert not np.array_equal(_losses(records), _losses(fp32))
+    runs = {"dp2": _train(demo, tmp_path, "bf16", 2, "--loss", "mile", "--bf16", save=save),
+            "tp2_sp": _train(demo, tmp_path, "bf16_sp", 2, "--loss", "mile", "--bf16", "--no-distributed-optimizer",
+                             "--tensor-model-parallel-size", "2", "--sequence-parallel")}
+    for name, records in runs.items():
+        np.testing.assert_allclose(_losses(records), _losses(fp32), rtol=1e-3, err_msg=name)
+        np.testing.assert_allclose(_losses(records, "grad_norm"), _losses(fp32, "grad_norm"), rtol=1e-2, err_msg=name)
+        assert not np.array_equal(_losses(records), _losses(fp32))
     flat = str(tmp_path / "flat.pt")
     dcp_to_torch_save(os.path.join(save, f"iter_{ITERS:07d}"), flat)
     state = torch.load(flat, weights_only=False)
