@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,12 @@ def test_resume_is_exact_and_appends_metrics(demo, tmp_path, layout):
     # Same schedule (--train-iters 6) in both halves; the first stops after 3.
     _train(demo, tmp_path, "first", 2, *layout, "--exit-interval", "3", iters=6, save=save)
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "3"
+    if "--tensor-model-parallel-size" not in layout:
+        # dp_reshardable optimizer state also reloads at another DP size (same global batch).
+        dp1 = str(tmp_path / "dp1")
+        shutil.copytree(save, dp1)
+        at_dp1 = _train(demo, tmp_path, "dp1", 1, *layout, "--load", dp1, iters=6, save=dp1)
+        np.testing.assert_allclose(_losses(at_dp1)[3:], _losses(full)[3:], rtol=1e-5)
     resumed = _train(demo, tmp_path, "second", 2, *layout, "--load", save, iters=6, save=save)
     assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_array_equal(_losses(resumed), _losses(full))
