@@ -1,0 +1,70 @@
+"""The multi-node launchers (examples/pretrain_{468M,1.2B,6.7B}.sh), through DRY_RUN=1.
+
+Each must reproduce the paper's batch (about 1M tokens per step for 468M and 1.2B, 4M for
+6.7B) and budget (about 100B tokens) on its GPU count, and hand the trainer flags that pass
+its own validation at that world size.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", os.path.join(REPO, "examples", script), *args], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **env}, timeout=60)
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    """The value after each --flag (the last one wins, as with argparse)."""
+    return {flag: value for flag, value in zip(command, command[1:]) if flag.startswith("--")}
+
+
+@pytest.mark.parametrize("script,nodes,tokens_per_step,tp,sequence_parallel", [
+    ("pretrain_468M.sh", 2, 1024 * 1024, 1, False),
+    ("pretrain_1.2B.sh", 4, 1024 * 1024, 1, False),
+    ("pretrain_6.7B.sh", 16, 2048 * 2048, 2, True),
+])
+def test_launcher_reproduces_the_papers_batch_and_budget(script, nodes, tokens_per_step, tp, sequence_parallel,
+                                                         tmp_path):
+    from megatron_mile.arguments import parse_args, validate
+
+    proc = _launch(script, "10.0.0.1", "1", "29600", LOSS="focal", GAMMA="2.0", SAVE=str(tmp_path),
+                   TOKENIZER=__file__)
+    assert proc.returncode == 0, proc.stderr
+    command = shlex.split(proc.stdout)
+    launcher = _flags(command[:command.index("megatron_mile.train")])
+    assert (launcher["--nnodes"], launcher["--nproc-per-node"], launcher["--node-rank"]) == (str(nodes), "8", "1")
+    assert (launcher["--master-addr"], launcher["--master-port"]) == ("10.0.0.1", "29600")
+
+    trainer = parse_args(command[command.index("megatron_mile.train") + 1:])
+    validate(trainer, world_size=8 * nodes)
+    assert trainer.global_batch_size * trainer.seq_length == tokens_per_step
+    assert trainer.train_iters * tokens_per_step == pytest.approx(100e9, rel=1e-4)
+    assert (trainer.tensor_model_parallel_size, trainer.sequence_parallel) == (tp, sequence_parallel)
+    assert (trainer.loss, trainer.mile_gamma, trainer.bf16) == ("focal", 2.0, True)
+    # The paper's recipe.
+    assert (trainer.lr, trainer.min_lr, trainer.lr_warmup_iters, trainer.weight_decay) == (3e-4, 3e-5, 2000, 0.1)
+    assert (trainer.adam_beta1, trainer.adam_beta2, trainer.clip_grad) == (0.9, 0.95, 1.0)
+    assert trainer.save == trainer.load == str(tmp_path)
+
+
+@pytest.mark.parametrize("env,args,message", [
+    ({"TP": "3"}, ["h", "0"], "16 GPUs are not divisible by TP 3 x PP 1"),
+    ({"MICRO_BATCH_SIZE": "7"}, ["h", "0"], "GLOBAL_BATCH_SIZE 1024 is not divisible by MICRO_BATCH_SIZE 7 x DP 16"),
+    ({"LOSS": "mse"}, ["h", "0"], "LOSS must be ce, focal or mile, got 'mse'"),
+    ({}, ["h", "2"], "NODE_RANK 2 must be below NNODES 2"),
+    ({}, ["h"], "expected 2 or 3 arguments"),
+])
+def test_launcher_rejects_a_bad_setting_in_one_line(env, args, message):
+    proc = _launch("pretrain_468M.sh", *args, **env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and not proc.stdout
+    assert len(lines) == 1 and lines[0].startswith("pretrain_468M.sh: error: ") and message in lines[0], lines
