@@ -68,3 +68,22 @@ def test_launcher_rejects_a_bad_setting_in_one_line(env, args, message):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and not proc.stdout
     assert len(lines) == 1 and lines[0].startswith("pretrain_468M.sh: error: ") and message in lines[0], lines
+
+
+def test_slurm_variant_runs_the_size_launcher_on_every_node(tmp_path):
+    """With stand-ins for scontrol and srun (one task per node, as Slurm would start them)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                                  'for node in 0 1; do SLURM_NODEID=$node "$@" || exit; done\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DRY_RUN": "1", "PYTHON": sys.executable,
+           "SLURM_SUBMIT_DIR": REPO, "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2"}
+    proc = subprocess.run(["bash", os.path.join(REPO, "examples", "slurm_pretrain.sbatch"), "468M"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [_flags(shlex.split(line)) for line in proc.stdout.strip().splitlines()]
+    assert [c["--node-rank"] for c in commands] == ["0", "1"]
+    assert {(c["--nnodes"], c["--master-addr"], c["--master-port"]) for c in commands} == {("2", "gpu-a", "24242")}
