@@ -8,6 +8,7 @@ or RoPE mapping would change the logits visibly.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,8 +30,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> dict[str, str]:
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def converted(request, tmp_path_factory) -> dict[str, str]:
+    """A TP=2 run (fp32, or --bf16 with sequence parallelism) converted with --dtype auto."""
     root = tmp_path_factory.mktemp("convert")
     tokenizer = train_sentencepiece(str(root / "sp.model"), vocab_size=VOCAB)
     corpus = write(str(root / "corpus.jsonl"), jsonl_bytes(documents(400)))
@@ -43,13 +45,15 @@ def converted(tmp_path_factory) -> dict[str, str]:
              "--train-iters", "4", "--lr", "0.02", "--min-lr", "0.02", "--lr-warmup-iters", "1",
              "--lr-decay-style", "constant", "--micro-batch-size", "2", "--global-batch-size", "4",
              "--eval-interval", "100", "--log-interval", "4", "--save", save]
+    if request.param == "bfloat16":
+        train += ["--bf16", "--sequence-parallel"]
     done = subprocess.run(train, capture_output=True, text=True, env=_env(), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     out = str(root / "hf")
     done = subprocess.run([sys.executable, CONVERTER, "--load", save, "--output", out],
                           capture_output=True, text=True, env=_env(), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"save": save, "hf": out, "tokenizer": tokenizer}
+    return {"save": save, "hf": out, "tokenizer": tokenizer, "dtype": request.param}
 
 
 def _megatron_logits(rank: int, world_size: int, save: str, sequences: list[list[int]]) -> list[np.ndarray]:
@@ -86,8 +90,12 @@ def test_hf_logits_match_megatron(converted):
     sequences = [rng.integers(0, VOCAB, size=n).tolist() for n in (128, 37, 5)]
     reference = run_ranks(_megatron_logits, 1, converted["save"], sequences)[0]
 
-    model = LlamaForCausalLM.from_pretrained(converted["hf"]).eval()
+    # Loaded in float32 either way: a bf16 export holds the checkpoint's bf16 values exactly,
+    # and the megatron reference computes in float32 from those same values.
+    model = LlamaForCausalLM.from_pretrained(converted["hf"], dtype=torch.float32).eval()
     assert model.config.vocab_size == VOCAB and not model.config.tie_word_embeddings
+    with open(os.path.join(converted["hf"], "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == converted["dtype"]
     with torch.no_grad():
         for seq, want in zip(sequences, reference):
             got = model(torch.tensor([seq])).logits[0].numpy()
