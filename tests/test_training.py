@@ -195,14 +195,16 @@ def test_checkpoint_reshards_tp2_to_tp1(demo, tmp_path):
 
 def test_bf16_mixed_precision_tracks_fp32(demo, tmp_path, mile_tp1):
     """--bf16 (bf16 weights and activations, fp32 grads and main weights) follows the fp32 run
-    to bf16 accuracy with the distributed optimizer at DP=2 and with megatron-core's bf16
-    optimizer at TP=2 with sequence parallelism, and checkpoints bf16 weights."""
+    to bf16 accuracy with the distributed optimizer at TP=2 x DP=2 and with megatron-core's
+    bf16 optimizer at TP=2, both with sequence parallelism, and checkpoints bf16 weights."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     save = str(tmp_path / "bf16")
     fp32 = mile_tp1["train"]
-    runs = {"dp2": _train(demo, tmp_path, "bf16", 2, "--loss", "mile", "--bf16", save=save),
+    # The 6.7B launcher's layout in miniature: TP=2 with sequence parallelism x DP=2, bf16, ZeRO-1.
+    runs = {"tp2_sp_dp2": _train(demo, tmp_path, "bf16", 4, "--loss", "mile", "--bf16", "--tensor-model-parallel-size",
+                                 "2", "--sequence-parallel", save=save),
             "tp2_sp": _train(demo, tmp_path, "bf16_sp", 2, "--loss", "mile", "--bf16", "--no-distributed-optimizer",
                              "--tensor-model-parallel-size", "2", "--sequence-parallel")}
     for name, records in runs.items():
