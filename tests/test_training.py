@@ -146,24 +146,24 @@ def test_mile_with_gamma_zero_reproduces_ce(demo, tmp_path):
     np.testing.assert_allclose(_losses(mile0, "ce"), _losses(ce, "ce"), rtol=1e-6)
 
 
-@pytest.mark.parametrize("layout", [
-    ["--tensor-model-parallel-size", "2"],
-    # DP=2: the distributed optimizer's state is split over the two ranks (dp_reshardable).
-    ["--loss", "ce"],
+@pytest.mark.parametrize("flags,also_at_dp1", [
+    (["--tensor-model-parallel-size", "2"], False),
+    # DP=2 (CE, so that DP=1 computes the same loss): the distributed optimizer's state is
+    # split between the two ranks (dp_reshardable), and also reloads at DP=1.
+    (["--loss", "ce"], True),
 ], ids=["tp2", "dp2"])
-def test_resume_is_exact_and_appends_metrics(demo, tmp_path, layout):
-    full = _train(demo, tmp_path, "full", 2, *layout, iters=6)
+def test_resume_is_exact_and_appends_metrics(demo, tmp_path, flags, also_at_dp1):
+    full = _train(demo, tmp_path, "full", 2, *flags, iters=6)
     save = str(tmp_path / "halves")
     # Same schedule (--train-iters 6) in both halves; the first stops after 3.
-    _train(demo, tmp_path, "first", 2, *layout, "--exit-interval", "3", iters=6, save=save)
+    _train(demo, tmp_path, "first", 2, *flags, "--exit-interval", "3", iters=6, save=save)
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "3"
-    if "--tensor-model-parallel-size" not in layout:
-        # dp_reshardable optimizer state also reloads at another DP size (same global batch).
+    if also_at_dp1:
         dp1 = str(tmp_path / "dp1")
         shutil.copytree(save, dp1)
-        at_dp1 = _train(demo, tmp_path, "dp1", 1, *layout, "--load", dp1, iters=6, save=dp1)
+        at_dp1 = _train(demo, tmp_path, "dp1", 1, *flags, "--load", dp1, iters=6, save=dp1)
         np.testing.assert_allclose(_losses(at_dp1)[3:], _losses(full)[3:], rtol=1e-5)
-    resumed = _train(demo, tmp_path, "second", 2, *layout, "--load", save, iters=6, save=save)
+    resumed = _train(demo, tmp_path, "second", 2, *flags, "--load", save, iters=6, save=save)
     assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_array_equal(_losses(resumed), _losses(full))
     np.testing.assert_array_equal(_losses(resumed, "grad_norm"), _losses(full, "grad_norm"))
