@@ -12,6 +12,7 @@ which is what lets runs at different layouts be compared step for step.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import zlib
@@ -70,6 +71,11 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def fused_softmax_kernels_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None
+               for name in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
+
+
 def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp: int | None = None,
                              sequence_parallel: bool = False, bf16: bool = False,
                              recompute_activations: bool = False) -> TransformerConfig:
@@ -103,9 +109,10 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
-        # Fused kernels exist only on CUDA.
+        # Fused kernels exist only on CUDA; the softmax one is a compiled extension (apex or
+        # Megatron-LM's kernels) that megatron-core imports only when a bf16 shape qualifies.
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=on_gpu,
