@@ -130,7 +130,7 @@ def test_data_parallel_matches_gradient_accumulation_with_ce(demo, tmp_path):
     optimizer shards) and with megatron-core's regular one (all-reduce).
     (Under MiLe the per-micro-batch alpha differs between the two by design; see training.py.)"""
     dp1 = _train(demo, tmp_path, "dp1", 1, "--loss", "ce")
-    runs = {"dp2": _train(demo, tmp_path, "dp2", 2, "--loss", "ce"),
+    runs = {"dp2": _train(demo, tmp_path, "dp2", 2, "--loss", "ce", "--use-distributed-optimizer"),
             "dp2_plain": _train(demo, tmp_path, "dp2_plain", 2, "--loss", "ce", "--no-distributed-optimizer"),
             "dp2pp2": _train(demo, tmp_path, "dp2pp2", 4, "--loss", "ce", "--pipeline-model-parallel-size", "2")}
     for name, records in runs.items():
