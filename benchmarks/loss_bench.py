@@ -73,7 +73,7 @@ def loss_fn(case: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
     return lambda x, t, m: weighted_lm_loss(x, t, m, kind=kind, inplace=bool(inplace))[0]
 
 
-class _Setup:
+class LogitsHarness:
     """This rank's logits shard, targets and mask, and a producer node that drops the gradient."""
 
     def __init__(self, rows: int, vocab: int, tp: int, rank: int, device: str, dtype: torch.dtype):
@@ -102,9 +102,24 @@ class _Setup:
         fn(self.produce.apply(self.anchor), self.target, self.mask).backward()
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def peak_extra_rss(harness: LogitsHarness, fn) -> float:
+    """Peak resident memory above the start across one forward+backward after a warm-up, in units
+    of the logits' bytes (Linux; see the module docstring)."""
+    harness.buffer.copy_(harness.source)
+    harness.run(fn)  # warm-up: lazy initialisation is not the loss's memory
+    harness.buffer.copy_(harness.source)
+    if dist.is_initialized():
+        dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = rss_kib("VmRSS")
+    harness.run(fn)
+    return (rss_kib("VmHWM") - base) * 1024 / harness.buffer.nbytes
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -118,7 +133,7 @@ def _worker(rank: int, tp: int, store: str, mode: str, cases: list[str], args: a
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    setup = _Setup(args.rows, args.vocab, tp, rank, args.device, DTYPES[args.dtype])
+    harness = LogitsHarness(args.rows, args.vocab, tp, rank, args.device, DTYPES[args.dtype])
     sync = torch.cuda.synchronize if cuda else lambda: None
     fns = {case: loss_fn(case) for case in cases}
     out: dict[str, object] = {}
@@ -126,37 +141,29 @@ def _worker(rank: int, tp: int, store: str, mode: str, cases: list[str], args: a
         times: dict[str, list[float]] = {case: [] for case in cases}
         for rep in range(args.repeats + 1):  # round 0 is a warm-up
             for case in cases:
-                setup.buffer.copy_(setup.source)
+                harness.buffer.copy_(harness.source)
                 sync()
                 dist.barrier()
                 start = time.perf_counter()
-                setup.run(fns[case])
+                harness.run(fns[case])
                 sync()
                 if rep:
                     times[case].append(time.perf_counter() - start)
         out = {case: statistics.median(ts) for case, ts in times.items()}
     elif cuda:
         for case in cases:
-            setup.buffer.copy_(setup.source)
-            setup.run(fns[case])  # warm-up
-            setup.buffer.copy_(setup.source)
+            harness.buffer.copy_(harness.source)
+            harness.run(fns[case])  # warm-up
+            harness.buffer.copy_(harness.source)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            setup.run(fns[case])
+            harness.run(fns[case])
             torch.cuda.synchronize()
-            out[case] = (torch.cuda.max_memory_allocated() - base) / setup.buffer.nbytes
+            out[case] = (torch.cuda.max_memory_allocated() - base) / harness.buffer.nbytes
     else:
         (case,) = cases
-        setup.buffer.copy_(setup.source)
-        setup.run(fns[case])
-        setup.buffer.copy_(setup.source)
-        dist.barrier()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss_kib("VmRSS")
-        setup.run(fns[case])
-        out = {case: (_rss_kib("VmHWM") - base) * 1024 / setup.buffer.nbytes}
+        out = {case: peak_extra_rss(harness, fns[case])}
     results.put((rank, out))
     dist.destroy_process_group()
 

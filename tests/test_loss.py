@@ -9,7 +9,7 @@ counts its all-reduces by wrapping ``torch.distributed.all_reduce``.
 from __future__ import annotations
 
 import os
-import re
+import sys
 
 import pytest
 import torch
@@ -212,11 +212,6 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
 # ---------------------------------------------------------------- peak memory (fresh process)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
 def _peak_extra_rank(rank: int, world_size: int, rows: int, columns: int) -> dict[str, float]:
     """Peak resident memory above the logits during forward+backward, in units of the logits' bytes.
 
@@ -227,38 +222,17 @@ def _peak_extra_rank(rank: int, world_size: int, rows: int, columns: int) -> dic
     """
     import torch.nn.functional as F
 
-    torch.manual_seed(0)
-    source = torch.randn(rows, columns)
-    buffer = torch.empty_like(source)
-    target = torch.randint(0, columns, (rows,))
-    mask = torch.ones(rows)
-    anchor = torch.zeros((), requires_grad=True)
+    # The loss benchmark's own harness, so the test also checks what the benchmark measures.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from loss_bench import LogitsHarness, peak_extra_rss
 
-    class Produce(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, _anchor):
-            return buffer.detach()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return None
-
+    harness = LogitsHarness(rows, columns, tp=1, rank=0, device="cpu", dtype=torch.float32)
     cases = {
-        "inplace": lambda x: weighted_lm_loss(x, target, mask, inplace=True)[0],
-        "out_of_place": lambda x: weighted_lm_loss(x, target, mask)[0],
-        "torch_cross_entropy": lambda x: F.cross_entropy(x, target),  # sanity: the method sees buffers
+        "inplace": lambda x, t, m: weighted_lm_loss(x, t, m, inplace=True)[0],
+        "out_of_place": lambda x, t, m: weighted_lm_loss(x, t, m)[0],
+        "torch_cross_entropy": lambda x, t, m: F.cross_entropy(x, t),  # sanity: the method sees buffers
     }
-    out = {}
-    for name, fn in cases.items():
-        buffer.copy_(source)
-        fn(Produce.apply(anchor)).backward()  # warm-up: lazy initialisation is not the loss' memory
-        buffer.copy_(source)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss_kib("VmRSS")
-        fn(Produce.apply(anchor)).backward()
-        out[name] = (_rss_kib("VmHWM") - base) * 1024 / buffer.nbytes
-    return out
+    return {name: peak_extra_rss(harness, fn) for name, fn in cases.items()}
 
 
 def test_peak_extra_memory_inplace_and_out_of_place(monkeypatch):
