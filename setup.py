@@ -24,7 +24,7 @@ setup(
         # Apex (fused Adam / layer norm) is a source build; megatron-core uses it when importable.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "eval": ["lm-eval", "transformers", "safetensors"],
-        "test": ["pytest", "transformers", "safetensors", "matplotlib"],
+        "test": ["pytest", "transformers", "safetensors", "matplotlib", "lm-eval"],
     },
     entry_points={"console_scripts": ["megatron-mile-train=megatron_mile.train:main"]},
 )

@@ -1,5 +1,15 @@
 import os
 import sys
 
+import pytest
+
 # Spawned ranks import test modules by name; make tests/ importable for them too.
 sys.path.insert(0, os.path.dirname(__file__))
+
+import training_utils  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> dict[str, str]:
+    """The trainer's test data (see ``training_utils.build_demo_data``), built once per test run."""
+    return training_utils.build_demo_data(tmp_path_factory.mktemp("train_data"))

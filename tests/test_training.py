@@ -6,79 +6,24 @@ step for step.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 import data_fixtures
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ITERS = 5
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict[str, str]:
-    """A two-domain Pile-style corpus, a 300-piece tokenizer (padded differently at TP=1 and 2),
-    per-domain datasets and a blend with the domains' sampling weights."""
-    root = tmp_path_factory.mktemp("train_data")
-    corpus = data_fixtures.write(str(root / "corpus.jsonl.zst"), data_fixtures.jsonl_bytes(data_fixtures.documents(1500)))
-    tokenizer = data_fixtures.train_sentencepiece(str(root / "tok.model"), vocab_size=300)
-    prefix = str(root / "pile")
-    subprocess.run([sys.executable, f"{REPO}/tools/preprocess_data.py", "--input", corpus, "--output-prefix", prefix,
-                    "--tokenizer-model", tokenizer, "--split-by-domain", "meta.pile_set_name", "--append-eod",
-                    "--quiet"], check=True)
-    weights = root / "weights.json"
-    weights.write_text(json.dumps({"train_domain_weights": {d: 1.0 for d in data_fixtures.DOMAINS},
-                                   "eval_domain_weights": {d: 1.0 for d in data_fixtures.DOMAINS}}))
-    blend = str(root / "blend.json")
-    subprocess.run([sys.executable, f"{REPO}/tools/make_blend.py", "--manifest", f"{prefix}_text_manifest.json",
-                    "--weights", str(weights), "--output", blend], check=True)
-    return {"blend": blend, "tokenizer": tokenizer}
-
-
-def _command(demo: dict[str, str], nproc: int, save: str, *extra: str, iters: int = ITERS) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "megatron_mile.train",
-            "--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--train-iters", str(iters), "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
-            "--eval-interval", "1000", "--eval-iters", "1", "--seed", "11",
-            "--data-path", demo["blend"], "--tokenizer-model", demo["tokenizer"], "--save", save, *extra]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def _train(demo, tmp_path, name: str, nproc: int, *extra: str, iters: int = ITERS, save: str | None = None,
-           ) -> list[dict]:
-    save = save or str(tmp_path / name)
-    proc = subprocess.run(_command(demo, nproc, save, *extra, iters=iters), capture_output=True, text=True,
-                          env=_env(), timeout=600)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return _records(save, "train")
-
-
-def _records(save: str, kind: str) -> list[dict]:
-    with open(os.path.join(save, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["type"] == kind]
-
-
-def _losses(records: list[dict], key: str = "loss") -> np.ndarray:
-    return np.array([r[key] for r in records])
+from training_utils import ITERS, REPO, losses, read_records, train, train_command, train_env
 
 
 @pytest.fixture(scope="module")
 def mile_tp1(demo, tmp_path_factory):
     save = str(tmp_path_factory.mktemp("tp1") / "run")
-    records = _train(demo, None, "run", 1, "--loss", "mile", "--eval-interval", str(ITERS), save=save)
-    return {"train": records, "eval": _records(save, "eval")}
+    records = train(demo, None, "run", 1, "--loss", "mile", "--eval-interval", str(ITERS), save=save)
+    return {"train": records, "eval": read_records(save, "eval")}
 
 
 def test_evaluation_reports_overall_and_per_domain_log_ppl(mile_tp1):
@@ -102,24 +47,24 @@ def test_evaluation_reports_overall_and_per_domain_log_ppl(mile_tp1):
     ("pp2_interleaved", 2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
     ("recompute", 1, ["--recompute-activations"]),
 ])
-def test_parallel_layouts_reproduce_single_rank_mile_losses(demo, tmp_path, mile_tp1, name, nproc, layout):
-    records = _train(demo, tmp_path, name, nproc, "--loss", "mile", *layout)
+def test_parallel_layouts_reproduce_single_rank_milelosses(demo, tmp_path, mile_tp1, name, nproc, layout):
+    records = train(demo, tmp_path, name, nproc, "--loss", "mile", *layout)
     mile_tp1 = mile_tp1["train"]
     assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
     for key in ("loss", "ce", "entropy", "alpha"):
-        np.testing.assert_allclose(_losses(records, key), _losses(mile_tp1, key), rtol=2e-5, err_msg=key)
-    np.testing.assert_allclose(_losses(records, "grad_norm"), _losses(mile_tp1, "grad_norm"), rtol=2e-6)
+        np.testing.assert_allclose(losses(records, key), losses(mile_tp1, key), rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(losses(records, "grad_norm"), losses(mile_tp1, "grad_norm"), rtol=2e-6)
     # Training moved: the loss fell, and MiLe reported CE beside its own objective.
-    assert _losses(mile_tp1)[-1] < _losses(mile_tp1)[0]
+    assert losses(mile_tp1)[-1] < losses(mile_tp1)[0]
     assert all(0 < r["alpha"] < 1 and r["entropy"] > 0 for r in mile_tp1)
 
 
 def test_focal_legacy_alpha_and_label_smoothing_agree_across_tensor_parallelism(demo, tmp_path):
     flags = ["--loss", "focal", "--mile-gamma", "2", "--mile-alpha-mode", "legacy", "--label-smoothing", "0.1"]
-    tp1 = _train(demo, tmp_path, "focal_tp1", 1, *flags, iters=3)
-    tp2 = _train(demo, tmp_path, "focal_tp2", 2, *flags, "--tensor-model-parallel-size", "2", iters=3)
+    tp1 = train(demo, tmp_path, "focal_tp1", 1, *flags, iters=3)
+    tp2 = train(demo, tmp_path, "focal_tp2", 2, *flags, "--tensor-model-parallel-size", "2", iters=3)
     for key in ("loss", "ce", "alpha"):
-        np.testing.assert_allclose(_losses(tp2, key), _losses(tp1, key), rtol=2e-5, err_msg=key)
+        np.testing.assert_allclose(losses(tp2, key), losses(tp1, key), rtol=2e-5, err_msg=key)
     # Focal down-weights confident tokens, so alpha = 1/mean(w) exceeds 1.
     assert all(r["alpha"] > 1 for r in tp1)
 
@@ -129,21 +74,21 @@ def test_data_parallel_matches_gradient_accumulation_with_ce(demo, tmp_path):
     with the distributed optimizer (the default: overlapped reduce-scatter into per-rank
     optimizer shards) and with megatron-core's regular one (all-reduce).
     (Under MiLe the per-micro-batch alpha differs between the two by design; see training.py.)"""
-    dp1 = _train(demo, tmp_path, "dp1", 1, "--loss", "ce")
-    runs = {"dp2": _train(demo, tmp_path, "dp2", 2, "--loss", "ce", "--use-distributed-optimizer"),
-            "dp2_plain": _train(demo, tmp_path, "dp2_plain", 2, "--loss", "ce", "--no-distributed-optimizer"),
-            "dp2pp2": _train(demo, tmp_path, "dp2pp2", 4, "--loss", "ce", "--pipeline-model-parallel-size", "2")}
+    dp1 = train(demo, tmp_path, "dp1", 1, "--loss", "ce")
+    runs = {"dp2": train(demo, tmp_path, "dp2", 2, "--loss", "ce", "--use-distributed-optimizer"),
+            "dp2_plain": train(demo, tmp_path, "dp2_plain", 2, "--loss", "ce", "--no-distributed-optimizer"),
+            "dp2pp2": train(demo, tmp_path, "dp2pp2", 4, "--loss", "ce", "--pipeline-model-parallel-size", "2")}
     for name, records in runs.items():
-        np.testing.assert_allclose(_losses(records), _losses(dp1), rtol=2e-5, err_msg=name)
-        np.testing.assert_allclose(_losses(records, "grad_norm"), _losses(dp1, "grad_norm"), rtol=2e-5, err_msg=name)
-    np.testing.assert_allclose(_losses(dp1, "alpha"), 1.0)
+        np.testing.assert_allclose(losses(records), losses(dp1), rtol=2e-5, err_msg=name)
+        np.testing.assert_allclose(losses(records, "grad_norm"), losses(dp1, "grad_norm"), rtol=2e-5, err_msg=name)
+    np.testing.assert_allclose(losses(dp1, "alpha"), 1.0)
 
 
 def test_mile_with_gamma_zero_reproduces_ce(demo, tmp_path):
-    ce = _train(demo, tmp_path, "ce", 1, "--loss", "ce")
-    mile0 = _train(demo, tmp_path, "mile0", 1, "--loss", "mile", "--mile-gamma", "0")
-    np.testing.assert_allclose(_losses(mile0), _losses(ce), rtol=1e-6)
-    np.testing.assert_allclose(_losses(mile0, "ce"), _losses(ce, "ce"), rtol=1e-6)
+    ce = train(demo, tmp_path, "ce", 1, "--loss", "ce")
+    mile0 = train(demo, tmp_path, "mile0", 1, "--loss", "mile", "--mile-gamma", "0")
+    np.testing.assert_allclose(losses(mile0), losses(ce), rtol=1e-6)
+    np.testing.assert_allclose(losses(mile0, "ce"), losses(ce, "ce"), rtol=1e-6)
 
 
 @pytest.mark.parametrize("flags,also_at_dp1", [
@@ -153,44 +98,44 @@ def test_mile_with_gamma_zero_reproduces_ce(demo, tmp_path):
     (["--loss", "ce"], True),
 ], ids=["tp2", "dp2"])
 def test_resume_is_exact_and_appends_metrics(demo, tmp_path, flags, also_at_dp1):
-    full = _train(demo, tmp_path, "full", 2, *flags, iters=6)
+    full = train(demo, tmp_path, "full", 2, *flags, iters=6)
     save = str(tmp_path / "halves")
     # Same schedule (--train-iters 6) in both halves; the first stops after 3.
-    _train(demo, tmp_path, "first", 2, *flags, "--exit-interval", "3", iters=6, save=save)
+    train(demo, tmp_path, "first", 2, *flags, "--exit-interval", "3", iters=6, save=save)
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "3"
     if also_at_dp1:
         dp1 = str(tmp_path / "dp1")
         shutil.copytree(save, dp1)
-        at_dp1 = _train(demo, tmp_path, "dp1", 1, *flags, "--load", dp1, iters=6, save=dp1)
-        np.testing.assert_allclose(_losses(at_dp1)[3:], _losses(full)[3:], rtol=1e-5)
-    resumed = _train(demo, tmp_path, "second", 2, *flags, "--load", save, iters=6, save=save)
+        at_dp1 = train(demo, tmp_path, "dp1", 1, *flags, "--load", dp1, iters=6, save=dp1)
+        np.testing.assert_allclose(losses(at_dp1)[3:], losses(full)[3:], rtol=1e-5)
+    resumed = train(demo, tmp_path, "second", 2, *flags, "--load", save, iters=6, save=save)
     assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_array_equal(_losses(resumed), _losses(full))
-    np.testing.assert_array_equal(_losses(resumed, "grad_norm"), _losses(full, "grad_norm"))
+    np.testing.assert_array_equal(losses(resumed), losses(full))
+    np.testing.assert_array_equal(losses(resumed, "grad_norm"), losses(full, "grad_norm"))
 
 
 def test_checkpoint_reshards_tp2_to_tp1(demo, tmp_path):
     """The model and the regular optimizer's state reshard; the distributed optimizer's
     dp_reshardable state does not, so it is refused in one line unless --no-load-optim."""
     tp2 = ["--tensor-model-parallel-size", "2"]
-    reference = _train(demo, tmp_path, "ref", 2, *tp2, "--no-distributed-optimizer", iters=5)
+    reference = train(demo, tmp_path, "ref", 2, *tp2, "--no-distributed-optimizer", iters=5)
     plain = str(tmp_path / "plain")
-    _train(demo, tmp_path, "tp2", 2, *tp2, "--no-distributed-optimizer", "--exit-interval", "3", iters=5, save=plain)
-    proc = subprocess.run(_command(demo, 1, plain, "--load", plain, iters=5), capture_output=True, text=True,
-                          env=_env(), timeout=600)
+    train(demo, tmp_path, "tp2", 2, *tp2, "--no-distributed-optimizer", "--exit-interval", "3", iters=5, save=plain)
+    proc = subprocess.run(train_command(demo, 1, plain, "--load", plain, iters=5), capture_output=True, text=True,
+                          env=train_env(), timeout=600)
     _assert_one_line_error(proc, "holds plain optimizer state; resume with --no-distributed-optimizer")
-    resumed = _train(demo, tmp_path, "tp1", 1, "--no-distributed-optimizer", "--load", plain, iters=5, save=plain)
-    np.testing.assert_allclose(_losses(resumed)[3:], _losses(reference)[3:], rtol=1e-4)
+    resumed = train(demo, tmp_path, "tp1", 1, "--no-distributed-optimizer", "--load", plain, iters=5, save=plain)
+    np.testing.assert_allclose(losses(resumed)[3:], losses(reference)[3:], rtol=1e-4)
 
     sharded = str(tmp_path / "sharded")
-    _train(demo, tmp_path, "tp2_dist", 2, *tp2, "--exit-interval", "3", iters=5, save=sharded)
-    proc = subprocess.run(_command(demo, 1, sharded, "--load", sharded, iters=5), capture_output=True, text=True,
-                          env=_env(), timeout=600)
+    train(demo, tmp_path, "tp2_dist", 2, *tp2, "--exit-interval", "3", iters=5, save=sharded)
+    proc = subprocess.run(train_command(demo, 1, sharded, "--load", sharded, iters=5), capture_output=True, text=True,
+                          env=train_env(), timeout=600)
     _assert_one_line_error(proc, "dp_reshardable optimizer state saved at TP 2 PP 1")
-    fresh_optim = _train(demo, tmp_path, "tp1_fresh", 1, "--load", sharded, "--no-load-optim", iters=5, save=sharded)
+    fresh_optim = train(demo, tmp_path, "tp1_fresh", 1, "--load", sharded, "--no-load-optim", iters=5, save=sharded)
     # The weights after step 3 were restored (step 4's loss); Adam then restarts from zero moments.
-    np.testing.assert_allclose(_losses(fresh_optim)[3], _losses(reference)[3], rtol=1e-4)
-    assert abs(_losses(fresh_optim)[4] - _losses(reference)[4]) > 1e-4
+    np.testing.assert_allclose(losses(fresh_optim)[3], losses(reference)[3], rtol=1e-4)
+    assert abs(losses(fresh_optim)[4] - losses(reference)[4]) > 1e-4
 
 
 def test_bf16_mixed_precision_tracks_fp32(demo, tmp_path, mile_tp1):
@@ -203,14 +148,14 @@ def test_bf16_mixed_precision_tracks_fp32(demo, tmp_path, mile_tp1):
     save = str(tmp_path / "bf16")
     fp32 = mile_tp1["train"]
     # The 6.7B launcher's layout in miniature: TP=2 with sequence parallelism x DP=2, bf16, ZeRO-1.
-    runs = {"tp2_sp_dp2": _train(demo, tmp_path, "bf16", 4, "--loss", "mile", "--bf16", "--tensor-model-parallel-size",
+    runs = {"tp2_sp_dp2": train(demo, tmp_path, "bf16", 4, "--loss", "mile", "--bf16", "--tensor-model-parallel-size",
                                  "2", "--sequence-parallel", save=save),
-            "tp2_sp": _train(demo, tmp_path, "bf16_sp", 2, "--loss", "mile", "--bf16", "--no-distributed-optimizer",
+            "tp2_sp": train(demo, tmp_path, "bf16_sp", 2, "--loss", "mile", "--bf16", "--no-distributed-optimizer",
                              "--tensor-model-parallel-size", "2", "--sequence-parallel")}
     for name, records in runs.items():
-        np.testing.assert_allclose(_losses(records), _losses(fp32), rtol=1e-3, err_msg=name)
-        np.testing.assert_allclose(_losses(records, "grad_norm"), _losses(fp32, "grad_norm"), rtol=1e-2, err_msg=name)
-        assert not np.array_equal(_losses(records), _losses(fp32))
+        np.testing.assert_allclose(losses(records), losses(fp32), rtol=1e-3, err_msg=name)
+        np.testing.assert_allclose(losses(records, "grad_norm"), losses(fp32, "grad_norm"), rtol=1e-2, err_msg=name)
+        assert not np.array_equal(losses(records), losses(fp32))
     flat = str(tmp_path / "flat.pt")
     dcp_to_torch_save(os.path.join(save, f"iter_{ITERS:07d}"), flat)
     state = torch.load(flat, weights_only=False)
@@ -220,8 +165,8 @@ def test_bf16_mixed_precision_tracks_fp32(demo, tmp_path, mile_tp1):
 
 def test_killed_save_resumes_from_previous_checkpoint(demo, tmp_path):
     save = str(tmp_path / "killed")
-    cmd = _command(demo, 1, save, "--save-interval", "2", iters=6)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+    cmd = train_command(demo, 1, save, "--save-interval", "2", iters=6)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=train_env(),
                             start_new_session=True)
     staging = os.path.join(save, "iter_0000004.tmp")
     deadline = time.time() + 300
@@ -233,12 +178,12 @@ def test_killed_save_resumes_from_previous_checkpoint(demo, tmp_path):
     assert not os.path.exists(os.path.join(save, "iter_0000004"))
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "2"
 
-    resumed = _train(demo, tmp_path, "resume", 1, "--load", save, "--save-interval", "2", iters=6, save=save)
-    reference = _train(demo, tmp_path, "reference", 1, iters=6)
+    resumed = train(demo, tmp_path, "resume", 1, "--load", save, "--save-interval", "2", iters=6, save=save)
+    reference = train(demo, tmp_path, "reference", 1, iters=6)
     # The killed run logged iterations 1-4; the resumed one redoes 3 and 4 and goes on, exactly.
     by_iter = {r["iteration"]: r["loss"] for r in resumed}
     assert sorted(by_iter) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_array_equal([by_iter[i] for i in range(1, 7)], _losses(reference))
+    np.testing.assert_array_equal([by_iter[i] for i in range(1, 7)], losses(reference))
     assert not os.path.exists(staging)
 
 
@@ -246,12 +191,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo, tmp_path):
     import torch
 
     save = str(tmp_path / "nan")
-    proc = subprocess.run(_command(demo, 1, save, "--lr", "1e30", "--lr-warmup-iters", "0", "--max-skipped-iters",
+    proc = subprocess.run(train_command(demo, 1, save, "--lr", "1e30", "--lr-warmup-iters", "0", "--max-skipped-iters",
                                    "3", "--save-interval", "1", iters=20),
-                          capture_output=True, text=True, env=_env(), timeout=600)
+                          capture_output=True, text=True, env=train_env(), timeout=600)
     _assert_one_line_error(proc, "3 consecutive non-finite iterations")
     assert "step skipped" in proc.stdout
-    records = _records(save, "train")
+    records = read_records(save, "train")
     assert [r["skipped"] for r in records[-3:]] == [1, 2, 3]
     # A NaN never reaches a checkpoint: skipped steps leave the weights untouched.
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -278,13 +223,13 @@ def test_vocabulary_larger_than_checkpoint_is_refused(demo, tmp_path):
     import torch
 
     save = str(tmp_path / "vocab")
-    _train(demo, tmp_path, "small", 1, iters=2, save=save)
+    train(demo, tmp_path, "small", 1, iters=2, save=save)
     common = os.path.join(save, "iter_0000002", "common.pt")
     state = torch.load(common, weights_only=False)
     state["vocab_size"] = 100
     torch.save(state, common)
-    proc = subprocess.run(_command(demo, 1, save, "--load", save, iters=3), capture_output=True, text=True,
-                          env=_env(), timeout=600)
+    proc = subprocess.run(train_command(demo, 1, save, "--load", save, iters=3), capture_output=True, text=True,
+                          env=train_env(), timeout=600)
     _assert_one_line_error(proc, "more than the 100")
 
 
@@ -328,6 +273,6 @@ def test_bad_configuration_fails_with_one_line(flags, world, message, monkeypatc
 
 def test_missing_data_prefix_fails_with_one_line(demo, tmp_path):
     # A later --data-path replaces the fixture's.
-    proc = subprocess.run(_command(demo, 1, str(tmp_path / "x")) + ["--data-path", str(tmp_path / "no_such_prefix")],
-                          capture_output=True, text=True, env=_env(), timeout=600)
+    proc = subprocess.run(train_command(demo, 1, str(tmp_path / "x")) + ["--data-path", str(tmp_path / "no_such_prefix")],
+                          capture_output=True, text=True, env=train_env(), timeout=600)
     _assert_one_line_error(proc, "no_such_prefix")

@@ -1,0 +1,1 @@
+"""Evaluation of trained models: lm-eval benchmarks and the token-frequency-bucket analysis."""
