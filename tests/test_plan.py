@@ -1,0 +1,152 @@
+"""megatron-mile-plan: its memory model against what megatron-core allocates, its activation
+formulas against the paper's closed forms, its schedule counts against megatron-core's,
+its ranking against the launchers, and its one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dist_utils import run_ranks
+from megatron_mile.model import PRESETS, ModelShape
+from megatron_mile.planning import Layout, ModelSpec
+from megatron_mile.planning.activations import PAPER_GPT, in_flight_chunk_forwards, layer_activation_terms
+from megatron_mile.planning.memory import static_memory
+
+# Odd sizes, so that megatron-core's 64-element parameter alignment and bucket padding show.
+CUSTOM = ModelShape(num_layers=4, hidden_size=36, num_attention_heads=4, ffn_hidden_size=60, seq_length=16)
+VOCAB = 300
+
+# (shape, query groups, TP, PP, VP, distributed optimizer, DDP bucket size) on 2 ranks; DP = 2 / (TP·PP).
+STATIC_CASES = [
+    ("tiny", None, 1, 1, None, True, None),
+    ("tiny", None, 1, 1, None, False, None),
+    ("tiny", None, 2, 1, None, True, None),
+    ("tiny", None, 1, 2, None, True, None),
+    ("custom", None, 1, 1, None, True, 3000),  # several buckets, each padded to lcm(DP, 128)
+    ("custom", None, 1, 2, 2, True, None),  # interleaved: two model chunks per rank
+    ("custom", 2, 2, 1, None, False, None),  # grouped-query attention at TP=2
+]
+
+
+def _shape(name: str) -> ModelShape:
+    return CUSTOM if name == "custom" else PRESETS[name]
+
+
+def _allocated(rank: int, world: int, cases) -> list[dict]:
+    """Build each case with the trainer's own pieces and sum the bytes of the storages megatron-core
+    allocated: parameters, gradient buffers, optimizer state (main weights and Adam moments)."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_mile import model as mm
+    from megatron_mile import optim, runtime
+
+    def storage_bytes(tensors) -> int:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+    out = []
+    for name, groups, tp, pp, vp, distributed, bucket_size in cases:
+        shape = _shape(name)
+        rt = runtime.initialize(tp, pp, vp, seed=3)
+        config = mm.build_transformer_config(shape, tp=tp, pp=pp, vp=vp, bf16=True)
+        if groups:
+            config = dataclasses.replace(config, num_query_groups=groups)
+        chunks = mm.build_model_chunks(config, VOCAB, shape.seq_length, 3, rt.device)
+        settings = optim.OptimSettings(use_distributed_optimizer=distributed)
+        if bucket_size is None:
+            model = optim.wrap_data_parallel(config, chunks, settings)
+        else:  # stock megatron-core DDP with a small bucket size
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+                                                       use_distributed_optimizer=distributed, bucket_size=bucket_size)
+            model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c) for c in chunks]
+        optimizer = optim.build_optimizer(model, settings, bf16=True)
+        optimizer.step()  # Adam's moments exist from the first step on
+        params = [p for c in chunks for p in c.parameters()]
+        inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+        main = [p for o in inner for g in o.param_groups for p in g["params"]]
+        moments = [o.state[p][k] for o in inner for p in main if p in o.state for k in ("exp_avg", "exp_avg_sq")]
+        out.append({"pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+                    "dp_rank": parallel_state.get_data_parallel_rank(),
+                    "weights": storage_bytes(params), "gradients": storage_bytes(p.main_grad for p in params),
+                    "optimizer": storage_bytes(main) + storage_bytes(moments)})
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def allocated():
+    return run_ranks(_allocated, 2, STATIC_CASES)
+
+
+@pytest.mark.parametrize("index", range(len(STATIC_CASES)))
+def test_weight_gradient_and_optimizer_bytes_are_what_megatron_core_allocates(allocated, index):
+    name, groups, tp, pp, vp, distributed, bucket_size = STATIC_CASES[index]
+    spec = ModelSpec(_shape(name), VOCAB, groups)
+    layout = Layout(tp=tp, pp=pp, dp=2 // (tp * pp), vp=vp or 1, micro_batch_size=1, num_microbatches=1,
+                    sequence_parallel=False, distributed_optimizer=distributed, recompute="none")
+    for measured in (rank[index] for rank in allocated):
+        predicted = static_memory(spec, layout, measured["pp_rank"], measured["dp_rank"], bucket_size)
+        assert predicted == (measured["weights"], measured["gradients"], measured["optimizer"]), measured
+
+
+@pytest.mark.parametrize("s,b,h,a,t", [(2048, 1, 4096, 32, 1), (2048, 4, 4096, 32, 8), (1024, 2, 1024, 16, 2)])
+def test_gpt_block_activations_are_the_papers_closed_forms(s, b, h, a, t):
+    """Korthikanti et al. 2022, Table 2, for the GPT block (f = 4h, dropout, fused softmax)."""
+    def per_layer(sequence_parallel: bool, recompute: str) -> float:
+        terms = layer_activation_terms(s, b, h, a, a, 4 * h, t, sequence_parallel=sequence_parallel,
+                                       recompute=recompute, block=PAPER_GPT)
+        return sum(terms.values())
+
+    sbh = s * b * h
+    assert per_layer(False, "none") == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)), rel=1e-12)
+    assert per_layer(True, "none") == pytest.approx(sbh / t * (34 + 5 * a * s / h), rel=1e-12)
+    assert per_layer(False, "selective") == pytest.approx(sbh * (10 + 24 / t), rel=1e-12)
+    assert per_layer(True, "selective") == pytest.approx(34 * sbh / t, rel=1e-12)
+    assert per_layer(False, "full") == 2 * sbh
+    if t == 1:
+        assert per_layer(False, "none") == pytest.approx(sbh * (34 + 5 * a * s / h), rel=1e-12)
+
+
+@pytest.mark.parametrize("attention,g", [("flash", 32), ("flash", 8), ("local", 8)])
+def test_llama_block_activations_follow_the_derivation(attention, g):
+    """The LLaMA terms of megatron_mile.planning.activations' docstring, at 6.7B's shape."""
+    from megatron_mile.planning.activations import Block
+
+    s, b, h, a, f, t = 2048, 2, 4096, 32, 11008, 2
+    n = s * b * h
+    for sp, r in ((False, 1), (True, t)):
+        terms = layer_activation_terms(s, b, h, a, g, f, t, sequence_parallel=sp, recompute="none",
+                                       block=Block(attention=attention))
+        if attention == "flash":
+            expected = n * (8 / r + (4 + 4 * g / a) / t) + 6 * s * b * f / t + 4 * a * s * b / t
+        else:  # megatron-core's local attention keeps K and V repeated to every head, and fp32 + bf16 scores
+            expected = n * (8 / r + 8 / t) + 6 * s * b * f / t + 6 * a * s * s * b / t
+        assert sum(terms.values()) == pytest.approx(expected, rel=1e-12)
+
+
+def test_in_flight_micro_batches_match_megatron_cores_schedules():
+    """Warm-up forwards from megatron-core's own ``get_pp_rank_microbatches``, plus the steady-state one."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+
+    for pp in (1, 2, 4, 8):
+        for vp in ((1, 2, 4) if pp > 1 else (1,)):
+            for m in (1, 3, 8, 32) if vp == 1 else (pp, 4 * pp):
+                for rank in range(pp):
+                    group = SimpleNamespace(size=lambda pp=pp: pp, rank=lambda rank=rank: rank)
+                    comm = SimpleNamespace(pp_group=group, virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
+                    total, _, warmup, _ = get_pp_rank_microbatches(m, vp, pp, p2p_communicator=comm)
+                    assert in_flight_chunk_forwards(pp, vp, m, rank) == min(warmup + 1, total), (pp, vp, m, rank)
+
+
+@pytest.mark.parametrize("pp,vp", [(2, 2), (4, 2), (8, 4)])
+def test_first_stage_holds_the_papers_interleaved_share(pp, vp):
+    """Korthikanti et al.: with interleaving the first stage holds L(1 + (p−1)/(p·vp)) layers' activations."""
+    layers = 32
+    held = in_flight_chunk_forwards(pp, vp, 64, 0) * layers // (pp * vp)
+    assert held == pytest.approx(layers * (1 + (pp - 1) / (pp * vp)))
