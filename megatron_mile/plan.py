@@ -24,7 +24,7 @@ from megatron_mile.arguments import ConfigError, add_model_arguments, checked_mo
 from megatron_mile.metrics import PEAK_BF16_FLOPS, format_tokens  # noqa: E402
 from megatron_mile.model import count_parameters  # noqa: E402
 from megatron_mile.planning.activations import ATTENTIONS  # noqa: E402
-from megatron_mile.planning.communication import Hardware  # noqa: E402
+from megatron_mile.planning.communication import Hardware, step_traffic  # noqa: E402
 from megatron_mile.planning.layout import ModelSpec, enumerate_layouts  # noqa: E402
 from megatron_mile.planning.memory import GIB  # noqa: E402
 from megatron_mile.planning.planner import (Choice, Cluster, Estimate, card_memory_needed, choices,  # noqa: E402
@@ -225,7 +225,7 @@ def as_json(spec: ModelSpec, where: Cluster, args: argparse.Namespace, estimates
 
     def entry(e: Estimate) -> dict:
         communication: dict[str, dict] = {}
-        for x in e.traffic:
+        for x in step_traffic(spec, e.layout, where.hardware, e.layout.pp - 1):
             item = communication.setdefault(x.name, {"collectives": 0.0, "bytes_per_gpu": 0.0, "seconds": 0.0,
                                                      "overlapped": x.overlapped})
             item["collectives"] += x.count

@@ -150,3 +150,120 @@ def test_first_stage_holds_the_papers_interleaved_share(pp, vp):
     layers = 32
     held = in_flight_chunk_forwards(pp, vp, 64, 0) * layers // (pp * vp)
     assert held == pytest.approx(layers * (1 + (pp - 1) / (pp * vp)))
+
+
+# (sequence parallel, recomputation) at TP=2: the collectives of one micro-batch's forward and backward.
+TP_CASES = [(False, "none"), (True, "none"), (True, "full")]
+TP_SHAPE = dataclasses.replace(PRESETS["tiny"], seq_length=16)
+
+
+def _tp_collectives(rank: int, world: int, cases) -> list[list[tuple[str, int, bool]]]:
+    """Run one micro-batch through the GPT model and the MiLe loss at TP=2 and record every
+    collective megatron-core and the loss issue: (kind, bytes of the full tensor, asynchronous)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import layers, mappings
+
+    from megatron_mile import model as mm
+    from megatron_mile import runtime
+    from megatron_mile.loss import weighted_lm_loss
+
+    calls: list[tuple[str, int, bool]] = []
+
+    def recorded(kind: str, collective):
+        def call(*args, **kwargs):
+            full = args[1] if kind == "reduce-scatter" else args[0]
+            calls.append((kind, full.numel() * full.element_size(), bool(kwargs.get("async_op", False))))
+            return collective(*args, **kwargs)
+        return call
+
+    dist.all_reduce = recorded("all-reduce", dist.all_reduce)
+    for module in (layers, mappings):
+        module.dist_all_gather_func = recorded("all-gather", module.dist_all_gather_func)
+        module.dist_reduce_scatter_func = recorded("reduce-scatter", module.dist_reduce_scatter_func)
+    out = []
+    b, s = 2, TP_SHAPE.seq_length
+    for sequence_parallel, recompute in cases:
+        rt = runtime.initialize(2, 1, seed=5)
+        config = mm.build_transformer_config(TP_SHAPE, tp=2, bf16=True, sequence_parallel=sequence_parallel,
+                                             recompute_activations=recompute == "full")
+        (chunk,) = mm.build_model_chunks(config, VOCAB, s, 5, rt.device)
+        tokens = torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(1))
+        calls.clear()
+        logits = chunk(tokens, torch.arange(s).expand(b, s), None)
+        loss, _ = weighted_lm_loss(logits, tokens.roll(-1, dims=1), torch.ones(b, s), kind="mile",
+                                   vocab_size=VOCAB, inplace=True)
+        loss.backward()
+        out.append(sorted(calls))
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp_collectives():
+    return run_ranks(_tp_collectives, 2, TP_CASES)
+
+
+@pytest.mark.parametrize("index", range(len(TP_CASES)))
+def test_tensor_parallel_collectives_are_the_ones_megatron_core_and_the_loss_issue(tp_collectives, index):
+    """Kind, size and overlap (asynchronous launch) of every TP collective of a micro-batch, as the
+    communication model counts them; MiLe's entropy adds none to the cross-entropy's two."""
+    from megatron_mile.planning.communication import Hardware, microbatch_traffic
+
+    sequence_parallel, recompute = TP_CASES[index]
+    layout = Layout(tp=2, pp=1, dp=1, vp=1, micro_batch_size=2, num_microbatches=1,
+                    sequence_parallel=sequence_parallel, distributed_optimizer=True, recompute=recompute)
+    hardware = Hardware(peak_flops=1.0, achievable_mfu=1.0, nvlink_bandwidth=1.0, inter_node_bandwidth=1.0,
+                        hbm_bandwidth=1.0, latency=0.0, gpus_per_node=8)
+    predicted = sorted((x.collective, round(x.payload / x.count), x.overlapped)
+                       for x in microbatch_traffic(ModelSpec(TP_SHAPE, VOCAB), layout, hardware, 0)
+                       for _ in range(round(x.count)))
+    for measured in (rank[index] for rank in tp_collectives):
+        assert [tuple(c) for c in measured] == predicted
+
+
+def _plan(argv: list[str]):
+    from megatron_mile import plan
+
+    return plan.plan(plan.build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("script,gpus", [("pretrain_468M.sh", 16), ("pretrain_1.2B.sh", 32), ("pretrain_6.7B.sh", 128)])
+def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(script, gpus, tmp_path):
+    """The launcher's defaults (DRY_RUN=1) against the planner's table: same parallel layout,
+    optimizer and recomputation as one of the rows, with a micro-batch size within that row's
+    near-equal range. Otherwise the header must name the planner's first choice and the layout
+    must still fit."""
+    import shlex
+
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.planning.planner import choices, family
+    from test_launchers import REPO, _launch
+
+    proc = _launch(script, "10.0.0.1", "0", SAVE=str(tmp_path), TOKENIZER=__file__)
+    assert proc.returncode == 0, proc.stderr
+    command = shlex.split(proc.stdout)
+    trainer = parse_args(command[command.index("megatron_mile.train") + 1:])
+    spec, cluster, estimates, ranking = _plan(
+        ["--model-preset", trainer.model_preset, "--seq-length", str(trainer.seq_length), "--gpus", str(gpus),
+         "--gpu-memory", "80", "--global-batch-size", str(trainer.global_batch_size)])
+    tp, pp = trainer.tensor_model_parallel_size, trainer.pipeline_model_parallel_size
+    per_vp = trainer.num_layers_per_virtual_pipeline_stage
+    dp = gpus // (tp * pp)
+    launcher = Layout(tp=tp, pp=pp, dp=dp, vp=spec.shape.num_layers // (pp * per_vp) if per_vp else 1,
+                      micro_batch_size=trainer.micro_batch_size,
+                      num_microbatches=trainer.global_batch_size // (dp * trainer.micro_batch_size),
+                      sequence_parallel=trainer.sequence_parallel,
+                      distributed_optimizer=trainer.use_distributed_optimizer,
+                      recompute="full" if trainer.recompute_activations else "none")
+    (estimate,) = [e for e in estimates if e.layout == launcher]
+    assert estimate.fits
+    rows = choices(ranking, cluster, top=5)
+    if any(family(r.estimate.layout) == family(launcher) and launcher.micro_batch_size in r.near_micro_batch_sizes
+           and (r.estimate.layout.distributed_optimizer, r.estimate.layout.recompute)
+           == (launcher.distributed_optimizer, launcher.recompute) for r in rows):
+        return
+    with open(f"{REPO}/examples/{script}") as f:
+        header = " ".join(line.lstrip("#").strip() for line in f if line.startswith("#"))
+    assert f"megatron-mile-plan ranks {rows[0].estimate.layout.describe()} first" in header

@@ -142,11 +142,15 @@ def microbatch_traffic(spec: ModelSpec, layout: Layout, hw: Hardware, pp_rank: i
 
 
 def step_traffic(spec: ModelSpec, layout: Layout, hw: Hardware, pp_rank: int) -> list[Traffic]:
-    """Every collective of one step on one pipeline rank (micro-batch traffic times m, plus per-step)."""
+    """Every collective of one step on one pipeline rank: the micro-batches' and the per-step ones."""
     m = layout.num_microbatches
-    out = [Traffic(x.name, x.collective, x.ranks, x.count * m, x.payload * m, x.bandwidth, x.overlapped)
-           for x in microbatch_traffic(spec, layout, hw, pp_rank)]
-    out += dp_traffic(spec, layout, hw, pp_rank)
+    return [Traffic(x.name, x.collective, x.ranks, x.count * m, x.payload * m, x.bandwidth, x.overlapped)
+            for x in microbatch_traffic(spec, layout, hw, pp_rank)] + per_step_traffic(spec, layout, hw, pp_rank)
+
+
+def per_step_traffic(spec: ModelSpec, layout: Layout, hw: Hardware, pp_rank: int) -> list[Traffic]:
+    """Collectives that run once a step: DP, the SP norm gradients, the scalars."""
+    out = dp_traffic(spec, layout, hw, pp_rank)
     if layout.sequence_parallel:
         h = spec.shape.hidden_size
         norms = 2 * spec.shape.num_layers // layout.pp + (pp_rank == layout.pp - 1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_mile.planning.communication import Hardware, Traffic, step_traffic
+from megatron_mile.planning.communication import Hardware
 from megatron_mile.planning.layout import Layout, ModelSpec, enumerate_layouts
 from megatron_mile.planning.memory import GIB, MemoryEstimate, estimate_memory
 from megatron_mile.planning.step_time import StepTime, estimate_step_time, model_flops_utilization
@@ -33,7 +33,6 @@ class Estimate:
     layout: Layout
     memory: MemoryEstimate
     time: StepTime
-    traffic: tuple[Traffic, ...]  # the last pipeline rank's, per step
     mfu: float
     fits: bool
 
@@ -54,8 +53,7 @@ class Cluster:
 def evaluate(spec: ModelSpec, layout: Layout, cluster: Cluster) -> Estimate:
     memory = estimate_memory(spec, layout, cluster.attention)
     time = estimate_step_time(spec, layout, cluster.hardware)
-    traffic = tuple(step_traffic(spec, layout, cluster.hardware, layout.pp - 1))
-    return Estimate(layout, memory, time, traffic, model_flops_utilization(spec, layout, cluster.hardware, time.total),
+    return Estimate(layout, memory, time, model_flops_utilization(spec, layout, cluster.hardware, time.total),
                     memory.total <= cluster.usable_memory)
 
 

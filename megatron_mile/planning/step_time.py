@@ -44,7 +44,8 @@ from dataclasses import asdict, dataclass
 
 from megatron_mile.metrics import flops_per_token
 from megatron_mile.model import padded_vocab_size
-from megatron_mile.planning.communication import Hardware, Traffic, last_bucket_seconds, microbatch_traffic, step_traffic
+from megatron_mile.planning.communication import (Hardware, Traffic, last_bucket_seconds, microbatch_traffic,
+                                                   per_step_traffic)
 from megatron_mile.planning.layout import Layout, ModelSpec
 from megatron_mile.planning.memory import layout_buffers
 
@@ -116,7 +117,7 @@ def estimate_step_time(spec: ModelSpec, layout: Layout, hw: Hardware) -> StepTim
         per_mb.append({"compute": compute, "recompute": flops.recompute * tokens / rate,
                        "tp": _exposed(traffic, ("tp", "loss (tp)"), hw), "pp": _exposed(traffic, ("pp",), hw),
                        "mile": _exposed(traffic, ("mile alpha (dp)",), hw)})
-        whole = step_traffic(spec, layout, hw, k)
+        whole = per_step_traffic(spec, layout, hw, k)
         reduce = sum(x.seconds(hw.latency) for x in whole if x.name == "dp grads")
         backward = flops.backward * tokens / rate
         if k == 0:
