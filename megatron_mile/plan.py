@@ -190,7 +190,7 @@ def table(spec: ModelSpec, where: Cluster, args: argparse.Namespace, estimates: 
         f"{args.model_preset if _is_preset(args) else 'custom'}: {shape.num_layers} layers, hidden {shape.hidden_size}, "
         f"{shape.num_attention_heads} heads ({spec.query_groups} query groups), FFN {shape.ffn_hidden_size}, "
         f"seq {shape.seq_length}, vocab {spec.vocab_size}: {params / 1e9:.2f}B parameters",
-        f"{args.gpus} GPUs ({args.gpus // args.gpus_per_node} nodes x {args.gpus_per_node}), {args.gpu_memory:g} GiB "
+        f"{args.gpus} GPUs ({args.gpus // args.gpus_per_node} x {args.gpus_per_node} per node), {args.gpu_memory:g} GiB "
         f"each ({where.usable_memory / GIB:.1f} usable); global batch {args.global_batch_size} x {shape.seq_length} "
         f"= {format_tokens(tokens)} tokens",
         f"assumed: {args.peak_tflops:g} TFLOP/s x {args.achievable_mfu:g}; NVLink {args.nvlink_bandwidth:g} GB/s, "

@@ -267,3 +267,108 @@ def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(s
     with open(f"{REPO}/examples/{script}") as f:
         header = " ".join(line.lstrip("#").strip() for line in f if line.startswith("#"))
     assert f"megatron-mile-plan ranks {rows[0].estimate.layout.describe()} first" in header
+
+
+BAD_INPUTS = [
+    ("--model-preset 6.7B --gpus 12 --global-batch-size 2048",
+     "--gpus-per-node 8 does not divide --gpus 12: nearest GPU counts that work: 8 or 16", ["--gpus 8", "--gpus 16"]),
+    ("--model-preset 6.7B --gpus 24 --global-batch-size 2048",
+     "no layout splits 24 GPUs (TP must divide 8 GPUs per node, 32 heads and FFN 11008; PP 32 layers; "
+     "DP --global-batch-size 2048): nearest GPU counts that work: 16 or 32", ["--gpus 16", "--gpus 32"]),
+    ("--model-preset 6.7B --gpus 8 --gpu-memory 12 --global-batch-size 2048",
+     "6.7B fits no layout on 8 x 12 GiB GPUs: the smallest needs 14.3 GiB", ["--gpu-memory 16", "--gpus 16"]),
+    ("--model-preset 468M --gpus 16 --global-batch-size 1024 --micro-batch-size 3",
+     "--micro-batch-size 3 divides no per-DP-rank batch of --global-batch-size 1024 on 16 GPUs: nearest sizes "
+     "that do: 2 or 4", ["--micro-batch-size 2", "--micro-batch-size 4"]),
+    ("--model-preset 468M --gpus 16 --global-batch-size 1024 --hidden-size 1000",
+     "--hidden-size 1000 is not divisible by --num-attention-heads 16", []),
+    ("--model-preset 468M --gpus 16 --global-batch-size 1024 --micro-batch-size x",
+     "argument --micro-batch-size: expected 'auto' or a positive integer, got 'x'", []),
+    ("--model-preset 468M --gpus 16 --global-batch-size 1024 --memory-margin 1", "--memory-margin must be in [0, 1)", []),
+]
+
+
+@pytest.mark.parametrize("argv,message,alternatives", BAD_INPUTS)
+def test_bad_input_is_one_line_naming_the_nearest_alternative_that_works(argv, message, alternatives, capsys):
+    from megatron_mile import plan
+
+    with pytest.raises(SystemExit) as exit_info:
+        plan.main(argv.split())
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("megatron-mile-plan: error: ") and message in err[0], err
+    for alternative in alternatives:  # what the line suggests does plan
+        _plan(argv.split() + alternative.split())
+
+
+def test_every_runnable_layout_passes_the_trainers_validation():
+    from megatron_mile.arguments import parse_args, validate
+
+    spec, _, estimates, _ = _plan("--model-preset tiny --gpus 8 --gpus-per-node 4 --global-batch-size 16".split())
+    base = ["--model-preset", "tiny", "--global-batch-size", "16", "--train-iters", "10", "--lr-warmup-iters", "1",
+            "--data-path", "x", "--tokenizer-model", __file__]
+    runnable = [e.layout for e in estimates if e.layout.runnable]
+    assert {(l.vp > 1, l.sequence_parallel, l.recompute) for l in runnable} == {
+        (vp, sp, r) for vp in (False, True) for sp in (False, True) for r in ("none", "full")}
+    for layout in runnable:
+        validate(parse_args(base + layout.trainer_flags(spec.shape.num_layers)), world_size=8)
+
+
+def test_interleaving_needs_a_multiple_of_pp_micro_batches():
+    """megatron-core runs interleaved micro-batches in groups of PP and refuses a short last group."""
+    from megatron_mile.planning import enumerate_layouts
+
+    layouts = enumerate_layouts(ModelSpec(PRESETS["tiny"], VOCAB), 2, 8, global_batch_size=6)
+    interleaved = {l.num_microbatches for l in layouts if l.pp == 2 and l.vp == 2}
+    plain = {l.num_microbatches for l in layouts if l.pp == 2 and l.vp == 1}
+    assert plain == {1, 2, 3, 6} and interleaved == {2, 6}
+
+
+def test_single_gpu_step_is_its_flops_at_the_achievable_rate_plus_the_optimizer_step():
+    """Float64 reference from the docstrings: 6N + 12·L·s·h FLOPs a token (N with the padded
+    vocabulary), nothing to communicate but three scalar all-reduces, and the optimizer's
+    5 + 38 bytes an element at HBM bandwidth."""
+    from megatron_mile.planning.communication import Hardware
+    from megatron_mile.planning.step_time import estimate_step_time
+
+    shape = PRESETS["468M"]
+    L, h, f, s = shape.num_layers, shape.hidden_size, shape.ffn_hidden_size, shape.seq_length
+    hw = Hardware(peak_flops=1e15, achievable_mfu=0.5, nvlink_bandwidth=3e11, inter_node_bandwidth=4e10,
+                  hbm_bandwidth=3e12, latency=1e-5, gpus_per_node=8)
+    layout = Layout(tp=1, pp=1, dp=1, vp=1, micro_batch_size=4, num_microbatches=8, sequence_parallel=False,
+                    distributed_optimizer=True, recompute="full")
+    time = estimate_step_time(ModelSpec(shape, 32000), layout, hw)
+    layers = 6.0 * L * (4 * h * h + 3 * h * f) + 12.0 * L * s * h
+    flops = layers * 4 / 3 + 6.0 * 32000 * h  # full recomputation repeats the layers' forward; V = 32000 is padded
+    params = L * (4 * h * h + 3 * h * f + 2 * h) + h + 2 * 32000 * h
+    buffer = -(-params // 128) * 128  # one bucket, padded to lcm(DP = 1, 128); every tensor is a multiple of 64
+    assert time.compute == pytest.approx(8 * 4 * s * flops / (1e15 * 0.5), rel=1e-12)
+    assert time.recompute == pytest.approx(8 * 4 * s * layers / 3 / (1e15 * 0.5), rel=1e-12)
+    assert time.optimizer == pytest.approx((5 * buffer + 38 * params) / 3e12, rel=1e-12)
+    assert time.total == pytest.approx(time.compute + time.optimizer + 3 * 1e-5, rel=1e-12)
+    assert time.tp == time.pp == time.bubble == time.dp == time.mile == 0
+
+
+def test_json_has_every_layout_with_its_estimates_and_mile_adds_one_dp_all_reduce_per_micro_batch(capsys):
+    import json
+
+    from megatron_mile import plan
+    from megatron_mile.planning import enumerate_layouts
+
+    plan.main("--model-preset tiny --gpus 8 --gpus-per-node 4 --global-batch-size 16 --json".split())
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["layouts"]) == len(enumerate_layouts(ModelSpec(PRESETS["tiny"], 32000), 8, 4, 16))
+    ranked = sorted((e for e in out["layouts"] if e["rank"]), key=lambda e: e["rank"])
+    assert all(e["fits"] and e["runnable"] for e in ranked)
+    assert [e["step_time_s"]["total"] for e in ranked] == sorted(e["step_time_s"]["total"] for e in ranked)
+    assert out["choices"][0]["rank"] == 1 and all(c["reason"] for c in out["choices"])
+    for e in out["layouts"]:
+        layout, communication = e["layout"], e["communication_last_stage"]
+        assert set(e["memory_gib"]) >= {"weights", "gradients", "optimizer", "activations", "logits", "total"}
+        if layout["dp"] > 1:
+            mile = communication["mile alpha (dp)"]
+            assert mile["collectives"] == layout["num_microbatches"]
+            assert mile["bytes_per_gpu"] == pytest.approx(
+                layout["num_microbatches"] * 2 * (layout["dp"] - 1) / layout["dp"] * 8)
+        if layout["tp"] > 1:  # the cross-entropy's two all-reduces carry the entropy too
+            assert communication["loss (tp)"]["collectives"] == 2 * layout["num_microbatches"]
