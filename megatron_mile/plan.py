@@ -99,7 +99,8 @@ def _check_positive(args: argparse.Namespace) -> None:
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
-    # --num-query-groups joins the shared model flags with grouped-query attention.
+    # Grouped-query attention counts only once the shared model flags define it
+    # (--group-query-attention, --num-query-groups); until then every layout is multi-head.
     groups = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else None
     return ModelSpec(checked_model_shape(args), args.vocab_size, groups)
 

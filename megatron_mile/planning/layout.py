@@ -82,8 +82,8 @@ class Layout:
             flags.append("--no-distributed-optimizer")
         if self.recompute == "full":
             flags.append("--recompute-activations")
-        elif self.recompute == "selective":
-            flags.append("(selective recomputation: no trainer flag)")
+        elif self.recompute == "selective":  # Megatron-LM's flag; this trainer has none (not runnable)
+            flags += ["--recompute-granularity", "selective"]
         return flags
 
     def describe(self) -> str:
