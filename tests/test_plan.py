@@ -34,7 +34,7 @@ def _shape(name: str) -> ModelShape:
     return CUSTOM if name == "custom" else PRESETS[name]
 
 
-def _allocated(rank: int, world: int, cases) -> list[dict]:
+def _allocated(cases) -> list[dict]:
     """Build each case with the trainer's own pieces and sum the bytes of the storages megatron-core
     allocated: parameters, gradient buffers, optimizer state (main weights and Adam moments)."""
     import torch
@@ -77,20 +77,92 @@ def _allocated(rank: int, world: int, cases) -> list[dict]:
     return out
 
 
+# (sequence parallel, recomputation) at TP=2: the collectives of one micro-batch's forward and backward.
+TP_CASES = [(False, "none"), (True, "none"), (True, "full")]
+TP_SHAPE = dataclasses.replace(PRESETS["tiny"], seq_length=16)
+
+
+def _tp_collectives(cases) -> list[list[tuple[str, int, bool]]]:
+    """Run one micro-batch through the GPT model and the MiLe loss at TP=2 and record every
+    collective megatron-core and the loss issue: (kind, bytes of the full tensor, asynchronous)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import layers, mappings
+
+    from megatron_mile import model as mm
+    from megatron_mile import runtime
+    from megatron_mile.loss import weighted_lm_loss
+
+    calls: list[tuple[str, int, bool]] = []
+
+    def recorded(kind: str, collective):
+        def call(*args, **kwargs):
+            full = args[1] if kind == "reduce-scatter" else args[0]
+            calls.append((kind, full.numel() * full.element_size(), bool(kwargs.get("async_op", False))))
+            return collective(*args, **kwargs)
+        return call
+
+    dist.all_reduce = recorded("all-reduce", dist.all_reduce)
+    for module in (layers, mappings):
+        module.dist_all_gather_func = recorded("all-gather", module.dist_all_gather_func)
+        module.dist_reduce_scatter_func = recorded("reduce-scatter", module.dist_reduce_scatter_func)
+    out = []
+    b, s = 2, TP_SHAPE.seq_length
+    for sequence_parallel, recompute in cases:
+        rt = runtime.initialize(2, 1, seed=5)
+        config = mm.build_transformer_config(TP_SHAPE, tp=2, bf16=True, sequence_parallel=sequence_parallel,
+                                             recompute_activations=recompute == "full")
+        (chunk,) = mm.build_model_chunks(config, VOCAB, s, 5, rt.device)
+        tokens = torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(1))
+        calls.clear()
+        logits = chunk(tokens, torch.arange(s).expand(b, s), None)
+        loss, _ = weighted_lm_loss(logits, tokens.roll(-1, dims=1), torch.ones(b, s), kind="mile",
+                                   vocab_size=VOCAB, inplace=True)
+        loss.backward()
+        out.append(sorted(calls))
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+def _measure(rank: int, world: int) -> dict:
+    return {"allocated": _allocated(STATIC_CASES), "collectives": _tp_collectives(TP_CASES)}
+
+
 @pytest.fixture(scope="module")
-def allocated():
-    return run_ranks(_allocated, 2, STATIC_CASES)
+def measured():
+    """Both measurements in one pair of spawned gloo ranks."""
+    return run_ranks(_measure, 2)
 
 
 @pytest.mark.parametrize("index", range(len(STATIC_CASES)))
-def test_weight_gradient_and_optimizer_bytes_are_what_megatron_core_allocates(allocated, index):
+def test_weight_gradient_and_optimizer_bytes_are_what_megatron_core_allocates(measured, index):
     name, groups, tp, pp, vp, distributed, bucket_size = STATIC_CASES[index]
     spec = ModelSpec(_shape(name), VOCAB, groups)
     layout = Layout(tp=tp, pp=pp, dp=2 // (tp * pp), vp=vp or 1, micro_batch_size=1, num_microbatches=1,
                     sequence_parallel=False, distributed_optimizer=distributed, recompute="none")
-    for measured in (rank[index] for rank in allocated):
-        predicted = static_memory(spec, layout, measured["pp_rank"], measured["dp_rank"], bucket_size)
-        assert predicted == (measured["weights"], measured["gradients"], measured["optimizer"]), measured
+    for rank in measured:
+        allocated = rank["allocated"][index]
+        predicted = static_memory(spec, layout, allocated["pp_rank"], allocated["dp_rank"], bucket_size)
+        assert predicted == (allocated["weights"], allocated["gradients"], allocated["optimizer"]), allocated
+
+
+@pytest.mark.parametrize("index", range(len(TP_CASES)))
+def test_tensor_parallel_collectives_are_the_ones_megatron_core_and_the_loss_issue(measured, index):
+    """Kind, size and overlap (asynchronous launch) of every TP collective of a micro-batch, as the
+    communication model counts them; MiLe's entropy adds none to the cross-entropy's two."""
+    from megatron_mile.planning.communication import Hardware, microbatch_traffic
+
+    sequence_parallel, recompute = TP_CASES[index]
+    layout = Layout(tp=2, pp=1, dp=1, vp=1, micro_batch_size=2, num_microbatches=1,
+                    sequence_parallel=sequence_parallel, distributed_optimizer=True, recompute=recompute)
+    hardware = Hardware(peak_flops=1.0, achievable_mfu=1.0, nvlink_bandwidth=1.0, inter_node_bandwidth=1.0,
+                        hbm_bandwidth=1.0, latency=0.0, gpus_per_node=8)
+    predicted = sorted((x.collective, round(x.payload / x.count), x.overlapped)
+                       for x in microbatch_traffic(ModelSpec(TP_SHAPE, VOCAB), layout, hardware, 0)
+                       for _ in range(round(x.count)))
+    for rank in measured:
+        assert [tuple(c) for c in rank["collectives"][index]] == predicted
 
 
 @pytest.mark.parametrize("s,b,h,a,t", [(2048, 1, 4096, 32, 1), (2048, 4, 4096, 32, 8), (1024, 2, 1024, 16, 2)])
@@ -150,77 +222,6 @@ def test_first_stage_holds_the_papers_interleaved_share(pp, vp):
     layers = 32
     held = in_flight_chunk_forwards(pp, vp, 64, 0) * layers // (pp * vp)
     assert held == pytest.approx(layers * (1 + (pp - 1) / (pp * vp)))
-
-
-# (sequence parallel, recomputation) at TP=2: the collectives of one micro-batch's forward and backward.
-TP_CASES = [(False, "none"), (True, "none"), (True, "full")]
-TP_SHAPE = dataclasses.replace(PRESETS["tiny"], seq_length=16)
-
-
-def _tp_collectives(rank: int, world: int, cases) -> list[list[tuple[str, int, bool]]]:
-    """Run one micro-batch through the GPT model and the MiLe loss at TP=2 and record every
-    collective megatron-core and the loss issue: (kind, bytes of the full tensor, asynchronous)."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import layers, mappings
-
-    from megatron_mile import model as mm
-    from megatron_mile import runtime
-    from megatron_mile.loss import weighted_lm_loss
-
-    calls: list[tuple[str, int, bool]] = []
-
-    def recorded(kind: str, collective):
-        def call(*args, **kwargs):
-            full = args[1] if kind == "reduce-scatter" else args[0]
-            calls.append((kind, full.numel() * full.element_size(), bool(kwargs.get("async_op", False))))
-            return collective(*args, **kwargs)
-        return call
-
-    dist.all_reduce = recorded("all-reduce", dist.all_reduce)
-    for module in (layers, mappings):
-        module.dist_all_gather_func = recorded("all-gather", module.dist_all_gather_func)
-        module.dist_reduce_scatter_func = recorded("reduce-scatter", module.dist_reduce_scatter_func)
-    out = []
-    b, s = 2, TP_SHAPE.seq_length
-    for sequence_parallel, recompute in cases:
-        rt = runtime.initialize(2, 1, seed=5)
-        config = mm.build_transformer_config(TP_SHAPE, tp=2, bf16=True, sequence_parallel=sequence_parallel,
-                                             recompute_activations=recompute == "full")
-        (chunk,) = mm.build_model_chunks(config, VOCAB, s, 5, rt.device)
-        tokens = torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(1))
-        calls.clear()
-        logits = chunk(tokens, torch.arange(s).expand(b, s), None)
-        loss, _ = weighted_lm_loss(logits, tokens.roll(-1, dims=1), torch.ones(b, s), kind="mile",
-                                   vocab_size=VOCAB, inplace=True)
-        loss.backward()
-        out.append(sorted(calls))
-        parallel_state.destroy_model_parallel()
-    return out
-
-
-@pytest.fixture(scope="module")
-def tp_collectives():
-    return run_ranks(_tp_collectives, 2, TP_CASES)
-
-
-@pytest.mark.parametrize("index", range(len(TP_CASES)))
-def test_tensor_parallel_collectives_are_the_ones_megatron_core_and_the_loss_issue(tp_collectives, index):
-    """Kind, size and overlap (asynchronous launch) of every TP collective of a micro-batch, as the
-    communication model counts them; MiLe's entropy adds none to the cross-entropy's two."""
-    from megatron_mile.planning.communication import Hardware, microbatch_traffic
-
-    sequence_parallel, recompute = TP_CASES[index]
-    layout = Layout(tp=2, pp=1, dp=1, vp=1, micro_batch_size=2, num_microbatches=1,
-                    sequence_parallel=sequence_parallel, distributed_optimizer=True, recompute=recompute)
-    hardware = Hardware(peak_flops=1.0, achievable_mfu=1.0, nvlink_bandwidth=1.0, inter_node_bandwidth=1.0,
-                        hbm_bandwidth=1.0, latency=0.0, gpus_per_node=8)
-    predicted = sorted((x.collective, round(x.payload / x.count), x.overlapped)
-                       for x in microbatch_traffic(ModelSpec(TP_SHAPE, VOCAB), layout, hardware, 0)
-                       for _ in range(round(x.count)))
-    for measured in (rank[index] for rank in tp_collectives):
-        assert [tuple(c) for c in measured] == predicted
 
 
 def _plan(argv: list[str]):
