@@ -184,16 +184,16 @@ def _micro_batches(choice: Choice) -> str:
 
 def table(spec: ModelSpec, where: Cluster, args: argparse.Namespace, estimates: list[Estimate],
           ranking: list[Estimate]) -> str:
-    shape, hw = spec.shape, where.hardware
+    shape = spec.shape
     params = count_parameters(shape, spec.vocab_size)
     tokens = args.global_batch_size * shape.seq_length
     lines = [
-        f"{args.model_preset if _is_preset(args) else 'custom'}: {shape.num_layers} layers, hidden {shape.hidden_size}, "
-        f"{shape.num_attention_heads} heads ({spec.query_groups} query groups), FFN {shape.ffn_hidden_size}, "
-        f"seq {shape.seq_length}, vocab {spec.vocab_size}: {params / 1e9:.2f}B parameters",
-        f"{args.gpus} GPUs ({args.gpus // args.gpus_per_node} x {args.gpus_per_node} per node), {args.gpu_memory:g} GiB "
-        f"each ({where.usable_memory / GIB:.1f} usable); global batch {args.global_batch_size} x {shape.seq_length} "
-        f"= {format_tokens(tokens)} tokens",
+        f"{args.model_preset if _is_preset(args) else 'custom'}: {shape.num_layers} layers, "
+        f"hidden {shape.hidden_size}, {shape.num_attention_heads} heads ({spec.query_groups} query groups), "
+        f"FFN {shape.ffn_hidden_size}, seq {shape.seq_length}, vocab {spec.vocab_size}: {params / 1e9:.2f}B parameters",
+        f"{args.gpus} GPUs ({args.gpus // args.gpus_per_node} x {args.gpus_per_node} per node), "
+        f"{args.gpu_memory:g} GiB each ({where.usable_memory / GIB:.1f} usable); "
+        f"global batch {args.global_batch_size} x {shape.seq_length} = {format_tokens(tokens)} tokens",
         f"assumed: {args.peak_tflops:g} TFLOP/s x {args.achievable_mfu:g}; NVLink {args.nvlink_bandwidth:g} GB/s, "
         f"inter-node {args.inter_node_bandwidth:g} GB/s per GPU, HBM {args.hbm_bandwidth:g} GB/s, "
         f"{args.collective_latency:g} us per collective; {args.attention_backend} attention",

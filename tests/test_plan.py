@@ -37,7 +37,6 @@ def _shape(name: str) -> ModelShape:
 def _allocated(cases) -> list[dict]:
     """Build each case with the trainer's own pieces and sum the bytes of the storages megatron-core
     allocated: parameters, gradient buffers, optimizer state (main weights and Adam moments)."""
-    import torch
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -285,7 +284,8 @@ BAD_INPUTS = [
      "--hidden-size 1000 is not divisible by --num-attention-heads 16", []),
     ("--model-preset 468M --gpus 16 --global-batch-size 1024 --micro-batch-size x",
      "argument --micro-batch-size: expected 'auto' or a positive integer, got 'x'", []),
-    ("--model-preset 468M --gpus 16 --global-batch-size 1024 --memory-margin 1", "--memory-margin must be in [0, 1)", []),
+    ("--model-preset 468M --gpus 16 --global-batch-size 1024 --memory-margin 1",
+     "--memory-margin must be in [0, 1)", []),
 ]
 
 

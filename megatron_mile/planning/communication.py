@@ -164,11 +164,11 @@ def dp_traffic(spec: ModelSpec, layout: Layout, hw: Hardware, pp_rank: int) -> l
     if layout.dp == 1:
         return []
     buffers = layout_buffers(spec, layout, pp_rank)
-    bw = dp_bandwidth(layout, hw)
+    bw, buckets, elements = dp_bandwidth(layout, hw), buffers.buckets, buffers.padded
     if layout.distributed_optimizer:
-        return [Traffic("dp grads", "reduce-scatter", layout.dp, buffers.buckets, GRAD_BYTES * buffers.padded, bw, True),
-                Traffic("dp params", "all-gather", layout.dp, buffers.buckets, WEIGHT_BYTES * buffers.padded, bw, False)]
-    return [Traffic("dp grads", "all-reduce", layout.dp, buffers.buckets, GRAD_BYTES * buffers.padded, bw, True)]
+        return [Traffic("dp grads", "reduce-scatter", layout.dp, buckets, GRAD_BYTES * elements, bw, True),
+                Traffic("dp params", "all-gather", layout.dp, buckets, WEIGHT_BYTES * elements, bw, False)]
+    return [Traffic("dp grads", "all-reduce", layout.dp, buckets, GRAD_BYTES * elements, bw, True)]
 
 
 def last_bucket_seconds(spec: ModelSpec, layout: Layout, hw: Hardware, pp_rank: int) -> float:

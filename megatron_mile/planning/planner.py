@@ -126,7 +126,8 @@ def has_fitting_layout(spec: ModelSpec, gpus: int, gpus_per_node: int, global_ba
 
 
 def nearest_gpu_counts(spec: ModelSpec, gpus: int, gpus_per_node: int, global_batch_size: int,
-                       micro_batch_size: int | None, cluster: Cluster, limit: int = 64) -> tuple[int | None, int | None]:
+                       micro_batch_size: int | None, cluster: Cluster, limit: int = 64,
+                       ) -> tuple[int | None, int | None]:
     """The nearest whole-node GPU counts below and above ``gpus`` with a layout that fits
     (searching up to ``limit`` nodes)."""
     def works(count: int) -> bool:
