@@ -26,5 +26,6 @@ setup(
         "eval": ["lm-eval", "transformers", "safetensors"],
         "test": ["pytest", "transformers", "safetensors", "matplotlib", "lm-eval"],
     },
-    entry_points={"console_scripts": ["megatron-mile-train=megatron_mile.train:main"]},
+    entry_points={"console_scripts": ["megatron-mile-train=megatron_mile.train:main",
+                                      "megatron-mile-plan=megatron_mile.plan:main"]},
 )

@@ -17,16 +17,22 @@ class ConfigError(ValueError):
     """A bad flag or flag combination; the message is one line naming the flag."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-mile-train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    g = p.add_argument_group("model")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model's shape: a preset and the flags that override it (the trainer's and the planner's)."""
+    g = parser.add_argument_group("model")
     g.add_argument("--model-preset", default="tiny", choices=list(PRESETS))
     g.add_argument("--num-layers", type=int)
     g.add_argument("--hidden-size", type=int)
     g.add_argument("--num-attention-heads", type=int)
     g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--seq-length", type=int, help="defaults to the preset's")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-mile-train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    add_model_arguments(p)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -39,10 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron-core's regular optimizer, with full optimizer state on every DP rank")
     g.add_argument("--recompute-activations", action="store_true")
 
-    g = p.add_argument_group("batch and length")
+    g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=8)
-    g.add_argument("--seq-length", type=int, help="defaults to the preset's")
 
     g = p.add_argument_group("optimizer and schedule (defaults: the paper's recipe)")
     g.add_argument("--lr", type=float, default=3e-4)
@@ -106,6 +111,16 @@ def model_shape(args: argparse.Namespace) -> ModelShape:
                          seq_length=args.seq_length)
 
 
+def checked_model_shape(args: argparse.Namespace) -> ModelShape:
+    """``model_shape`` after the checks that need no layout: positive sizes, heads dividing hidden."""
+    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length")
+    shape = model_shape(args)
+    if shape.hidden_size % shape.num_attention_heads:
+        raise ConfigError(f"--hidden-size {shape.hidden_size} is not divisible by "
+                          f"--num-attention-heads {shape.num_attention_heads}")
+    return shape
+
+
 def _positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
@@ -116,10 +131,9 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 def validate(args: argparse.Namespace, world_size: int) -> None:
     """Check every flag combination that would otherwise fail deep inside a run."""
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
-              "global_batch_size", "train_iters", "num_layers", "hidden_size", "num_attention_heads",
-              "ffn_hidden_size", "seq_length", "log_interval", "eval_interval", "save_interval", "exit_interval",
+              "global_batch_size", "train_iters", "log_interval", "eval_interval", "save_interval", "exit_interval",
               "num_layers_per_virtual_pipeline_stage")
-    shape = model_shape(args)
+    shape = checked_model_shape(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
@@ -128,9 +142,6 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     if shape.num_attention_heads % tp:
         raise ConfigError(f"--num-attention-heads {shape.num_attention_heads} is not divisible by "
                           f"--tensor-model-parallel-size {tp}")
-    if shape.hidden_size % shape.num_attention_heads:
-        raise ConfigError(f"--hidden-size {shape.hidden_size} is not divisible by "
-                          f"--num-attention-heads {shape.num_attention_heads}")
     if shape.ffn_hidden_size % tp:
         raise ConfigError(f"--ffn-hidden-size {shape.ffn_hidden_size} is not divisible by "
                           f"--tensor-model-parallel-size {tp}")
