@@ -19,8 +19,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# CE vs focal vs MiLe on the demo data: train, convert, lm-eval, frequency buckets, table and pictures.
 demo: $(STAMP)
-	PYTHON=$(PY) bash examples/pretrain_tiny_cpu.sh
+	PYTHON=$(PY) bash examples/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
