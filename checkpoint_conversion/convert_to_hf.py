@@ -85,6 +85,7 @@ def load_full_state(path: str):
     import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_mile import runtime
     from megatron_mile.arguments import model_shape
@@ -109,7 +110,11 @@ def load_full_state(path: str):
     try:
         loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path,
                                          strict=StrictHandling.RAISE_UNEXPECTED)
-    except Exception as err:  # dist_checkpointing raises CheckpointingException, KeyError, RuntimeError…
+    # dist_checkpointing raises CheckpointingException, KeyError, RuntimeError…, and torch's
+    # CheckpointException (a missing or damaged shard file) derives from BaseException.
+    except (Exception, CheckpointException) as err:
+        if isinstance(err, CheckpointException):  # the first rank's failure says what is wrong
+            err = next(iter(err.failures.values()))[0]
         raise ConversionError(f"{path}: cannot load the model ({str(err).splitlines()[0]})") from None
     model.load_state_dict(loaded["model0"])
     state = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
