@@ -4,7 +4,7 @@ A run's checkpoint ``RUN/iter_NNNNNNN`` is converted (``checkpoint_conversion.co
 into ``RUN/hf/iter_NNNNNNN``, or with a cache directory into
 ``CACHE/<run name>-<hash of its absolute path>/iter_NNNNNNN``. Checkpoints never change once
 written, so the run and iteration are the key; ``conversion.json`` in the copy records the
-checkpoint and the modification time of its ``common.pt``, so a run retrained at the same path
+checkpoint and the modification time of its ``metadata.json``, so a run retrained at the same path
 is converted again rather than served stale. The copy is built under a temporary name and
 renamed into place, and a lock file makes a second command converting the same checkpoint wait
 for the first and then reuse its result.
@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
-from megatron_mile.evaluation.sources import HF, RUN, Source, SourceError
+from megatron_mile.evaluation.sources import CHECKPOINT_METADATA, HF, RUN, Source, SourceError
 
 MARKER = "conversion.json"
 
@@ -44,10 +44,8 @@ def cache_path(source: Source, cache_dir: Optional[str] = None) -> str:
 
 
 def _fingerprint(checkpoint: str) -> dict:
-    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
-
-    common = os.path.join(os.path.abspath(checkpoint), COMMON_STATE_FNAME)
-    return {"checkpoint": os.path.abspath(checkpoint), "common_mtime_ns": os.stat(common).st_mtime_ns}
+    metadata = os.path.join(os.path.abspath(checkpoint), CHECKPOINT_METADATA)
+    return {"checkpoint": os.path.abspath(checkpoint), "metadata_mtime_ns": os.stat(metadata).st_mtime_ns}
 
 
 def needs_conversion(source: Source, cache_dir: Optional[str] = None) -> bool:

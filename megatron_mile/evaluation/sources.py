@@ -15,6 +15,7 @@ from megatron_mile.checkpointing import POINTER, CheckpointError, checkpoint_dir
 
 RUN = "run"
 HF = "hf"
+CHECKPOINT_METADATA = "metadata.json"  # dist_checkpointing writes it into every complete checkpoint
 
 
 class SourceError(ValueError):
@@ -31,7 +32,7 @@ class Source:
 
 
 def _is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "metadata.json"))
+    return os.path.isfile(os.path.join(path, CHECKPOINT_METADATA))
 
 
 def _iteration_of(checkpoint: str) -> Optional[int]:
