@@ -233,3 +233,20 @@ def test_table_rows_headline_metric_and_average():
     assert rows["average"].cells["b"] == (None, None)  # t2 missing: no average
     assert "| t1 | acc | 0.5000 ± 0.1000 | 0.7500 |" in markdown_table(runs)
     assert "| t2 | acc_norm | 0.2500 ± 0.2000 | - |" in markdown_table(runs)
+
+
+def test_damaged_checkpoint_fails_in_one_line(evaluated, tmp_path, capsys):
+    """A shard missing from the checkpoint surfaces from the conversion process as one line."""
+    import shutil
+
+    from megatron_mile.eval import main
+
+    run = tmp_path / "damaged"
+    shutil.copytree(evaluated["run"], run, ignore=shutil.ignore_patterns("hf", "tensorboard"))
+    os.remove(run / "iter_0000005" / "__0_0.distcp")
+    argv = [str(run), "--tasks", TASK, "--include-path", evaluated["tasks"], "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 1
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith(f"megatron-mile-eval: error: {run / 'iter_0000005'}: cannot load the model (")
+    assert "__0_0.distcp" in error
+    assert not os.path.exists(run / "hf" / "iter_0000005")
