@@ -2,7 +2,7 @@
 converted directory), the conversion is cached, and bad input fails before any work, one line each.
 
 One module fixture trains the run (the real trainer, 4 gloo ranks), writes a tiny local
-multiple-choice task (pick a document's true next words among other documents' words), builds
+multiple-choice task (pick a document's next word among other documents' words), builds
 a random Hugging Face model, and runs megatron-mile-eval once on the run and the HF model, then
 the lm-eval CLI once on the converted run; the tests share those results.
 """
@@ -112,7 +112,7 @@ def evaluated(demo, tmp_path_factory) -> dict:
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     return {"run": run, "hf": hf, "tasks": tasks, "out": out, "converted": converted, "stdout": ours.stdout,
-            "stderr": ours.stderr, "results": results, "reference": reference, "demo": demo}
+            "stderr": ours.stderr, "results": results, "reference": reference}
 
 
 def test_scores_are_lm_eval_cli_scores(evaluated):
@@ -250,3 +250,13 @@ def test_damaged_checkpoint_fails_in_one_line(evaluated, tmp_path, capsys):
     assert error.startswith(f"megatron-mile-eval: error: {run / 'iter_0000005'}: cannot load the model (")
     assert "__0_0.distcp" in error
     assert not os.path.exists(run / "hf" / "iter_0000005")
+
+
+def test_iteration_applies_to_the_runs_among_the_models(evaluated):
+    from megatron_mile.evaluation.sources import HF, RUN, SourceError, resolve_sources
+
+    run, hf = resolve_sources([evaluated["run"], evaluated["hf"]], iteration=5)
+    assert (run.kind, run.iteration, hf.kind) == (RUN, 5, HF)
+    assert run.checkpoint == os.path.join(evaluated["run"], "iter_0000005")
+    with pytest.raises(SourceError, match="no complete checkpoint at .*iter_0000003"):
+        resolve_sources([evaluated["run"], evaluated["hf"]], iteration=3)

@@ -11,6 +11,9 @@ problems are reported together, one line each. Then, per model: its checkpoint i
 (or the cached conversion reused, see ``conversion_cache``) and lm-eval runs on it. Output in
 ``output_dir``: ``lm_eval/<label>.json`` (lm-eval's full results, written as each model
 finishes), ``results.md``, ``results.csv``, ``results.png`` and, last, ``results.json``.
+
+Checkpoints are converted in a spawned process, so a script that calls this keeps its work
+under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
