@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=HarnessOptions.device, help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default=HarnessOptions.dtype,
                    help="weights' dtype for lm-eval; auto: as converted (bfloat16 for --bf16 runs)")
-    p.add_argument("--iteration", type=int, help="checkpoint of every run directory (default: the latest)")
+    p.add_argument("--iteration", type=_non_negative, help="checkpoint of every run directory (default: the latest)")
     p.add_argument("--cache-dir", help="converted checkpoints go here instead of RUN/hf/")
     p.add_argument("--offline", action="store_true",
                    help="never contact the Hugging Face hub: datasets must be in the local cache")

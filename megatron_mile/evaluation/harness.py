@@ -24,7 +24,7 @@ STDERR = "_stderr"
 
 
 class TaskError(ValueError):
-    """A task name or task directory that lm-eval does not know; one line."""
+    """Task names or a task directory that lm-eval does not know: one line per problem."""
 
 
 @dataclass(frozen=True)
