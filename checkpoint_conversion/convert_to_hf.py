@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="Hugging Face model directory to create")
     p.add_argument("--tokenizer-model", help="default: the run's --tokenizer-model (SentencePiece file or HF dir)")
     p.add_argument("--tokenizer-type", choices=["sentencepiece", "huggingface"])
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES, help="auto: bfloat16 for --bf16 runs, else float32")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES,
+                   help="auto: bfloat16 for --bf16 runs, else float32")
     p.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_SIZE_GB, help="safetensors shard size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p
