@@ -9,6 +9,8 @@ iter_NNNNNNN directory. The model is rebuilt at TP=1 PP=1 in this one process (g
 world of 1, on the CPU) and megatron-core dist_checkpointing reshards the saved tensors
 into it; the optimizer state is not read. Output: config.json, safetensors weights (true
 vocabulary rows only) and the run's tokenizer, written to OUTPUT.tmp and renamed at the end.
+
+From Python: ``convert_checkpoint(checkpoint_dir, output)`` (what megatron-mile-eval calls).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ warnings.filterwarnings("ignore", module=r"megatron\.core")  # Apex/TE fallbacks
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_DTYPE = "auto"
+DEFAULT_MAX_SHARD_SIZE_GB = 5.0
 
 
 class ConversionError(ValueError):
@@ -39,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="Hugging Face model directory to create")
     p.add_argument("--tokenizer-model", help="default: the run's --tokenizer-model (SentencePiece file or HF dir)")
     p.add_argument("--tokenizer-type", choices=["sentencepiece", "huggingface"])
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 for --bf16 runs, else float32")
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="safetensors shard size")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES,
+                   help="auto: bfloat16 for --bf16 runs, else float32")
+    p.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_SIZE_GB, help="safetensors shard size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p
 
@@ -81,6 +86,7 @@ def load_full_state(path: str):
     import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_mile import runtime
     from megatron_mile.arguments import model_shape
@@ -105,7 +111,11 @@ def load_full_state(path: str):
     try:
         loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path,
                                          strict=StrictHandling.RAISE_UNEXPECTED)
-    except Exception as err:  # dist_checkpointing raises CheckpointingException, KeyError, RuntimeError…
+    # dist_checkpointing raises CheckpointingException, KeyError, RuntimeError…, and torch's
+    # CheckpointException (a missing or damaged shard file) derives from BaseException.
+    except (Exception, CheckpointException) as err:
+        if isinstance(err, CheckpointException):  # the first rank's failure says what is wrong
+            err = next(iter(err.failures.values()))[0]
         raise ConversionError(f"{path}: cannot load the model ({str(err).splitlines()[0]})") from None
     model.load_state_dict(loaded["model0"])
     state = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -139,41 +149,52 @@ def write_safetensors(tensors: dict, out_dir: str, max_shard_bytes: int) -> None
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def convert(args: argparse.Namespace) -> str:
+def convert_checkpoint(checkpoint: str, output: str, *, tokenizer_model: str | None = None,
+                       tokenizer_type: str | None = None, dtype: str = DEFAULT_DTYPE,
+                       max_shard_size_gb: float = DEFAULT_MAX_SHARD_SIZE_GB, overwrite: bool = False) -> None:
+    """Write the Hugging Face Llama directory ``output`` for one ``iter_NNNNNNN`` checkpoint.
+
+    Starts and ends a one-process ``torch.distributed`` world of its own, so no other process
+    group may be active in the caller. ``tokenizer_model``/``tokenizer_type`` default to the
+    run's. Bad input raises ``ValueError`` (``ConversionError``, ``TokenizerExportError``) with
+    one line; ``output`` appears only when complete.
+    """
     import torch
 
     from checkpoint_conversion import hf_tokenizer
     from checkpoint_conversion.llama_mapping import LlamaShape, hf_config, to_hf_state_dict
+    from megatron_mile import runtime
 
-    path = resolve_checkpoint(args.load, args.iteration)
-    if os.path.exists(args.output) and not args.overwrite:
-        raise ConversionError(f"--output: {args.output} exists (pass --overwrite to replace it)")
-    state, run_args, vocab_size, shape, groups = load_full_state(path)
+    if os.path.exists(output) and not overwrite:
+        raise ConversionError(f"--output: {output} exists (pass --overwrite to replace it)")
+    try:
+        state, run_args, vocab_size, shape, groups = load_full_state(checkpoint)
+    finally:
+        runtime.shutdown()
     llama = LlamaShape(num_layers=shape.num_layers, hidden_size=shape.hidden_size,
                        num_attention_heads=shape.num_attention_heads, num_query_groups=groups,
                        ffn_hidden_size=shape.ffn_hidden_size, seq_length=shape.seq_length, vocab_size=vocab_size)
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if run_args.get("bf16") else "float32")
-    dtype = getattr(torch, dtype_name)
-    tensors = {k: v.to(dtype) for k, v in to_hf_state_dict(state, llama).items()}
-    tokenizer_path = args.tokenizer_model or run_args["tokenizer_model"]
-    tokenizer_type = args.tokenizer_type or (None if args.tokenizer_model else run_args.get("tokenizer_type"))
+    dtype_name = dtype if dtype != "auto" else ("bfloat16" if run_args.get("bf16") else "float32")
+    torch_dtype = getattr(torch, dtype_name)
+    tensors = {k: v.to(torch_dtype) for k, v in to_hf_state_dict(state, llama).items()}
+    tokenizer_path = tokenizer_model or run_args["tokenizer_model"]
+    tokenizer_type = tokenizer_type or (None if tokenizer_model else run_args.get("tokenizer_type"))
 
-    staging = args.output.rstrip("/") + ".tmp"
+    staging = output.rstrip("/") + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
         bos, eos = hf_tokenizer.export_tokenizer(tokenizer_path, tokenizer_type, staging, shape.seq_length)
         hf_tokenizer.verify(tokenizer_path, tokenizer_type, staging)
         with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(hf_config(llama, dtype, bos, eos), f, indent=2)
-        write_safetensors(tensors, staging, int(args.max_shard_size_gb * 2**30))
+            json.dump(hf_config(llama, torch_dtype, bos, eos), f, indent=2)
+        write_safetensors(tensors, staging, int(max_shard_size_gb * 2**30))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if os.path.exists(args.output):
-        shutil.rmtree(args.output)
-    os.replace(staging, args.output)
-    return path
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.replace(staging, output)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,14 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     # Conversion is a one-process CPU job, even on a GPU node where training may be running.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        path = convert(args)
+        path = resolve_checkpoint(args.load, args.iteration)
+        convert_checkpoint(path, args.output, tokenizer_model=args.tokenizer_model,
+                           tokenizer_type=args.tokenizer_type, dtype=args.dtype,
+                           max_shard_size_gb=args.max_shard_size_gb, overwrite=args.overwrite)
     except ValueError as err:  # ConversionError, TokenizerExportError, an unreadable tokenizer
         print(f"convert_to_hf: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        runtime = sys.modules.get("megatron_mile.runtime")
-        if runtime is not None:  # only once loading started
-            runtime.shutdown()
     print(f"converted {path} -> {args.output}")
     return 0
 
