@@ -30,5 +30,6 @@ setup(
     },
     entry_points={"console_scripts": ["megatron-mile-train=megatron_mile.train:main",
                                       "megatron-mile-plan=megatron_mile.plan:main",
-                                      "megatron-mile-eval=megatron_mile.eval:main"]},
+                                      "megatron-mile-eval=megatron_mile.eval:main",
+                                      "megatron-mile-compare=megatron_mile.compare:main"]},
 )

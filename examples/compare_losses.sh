@@ -62,8 +62,6 @@ fi
 DATA=${DATA:-data/pile/blend.json}
 TOKENIZER=${TOKENIZER:-data/pile/tokenizer.model}
 
-# One intra-op thread per process: NPROC processes share the CPU cores.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # shellcheck disable=SC2086  # LOSSES, SEEDS, LAYOUT and the *_ARGS are word lists
 "$PYTHON" -m megatron_mile.compare --data-path "$DATA" --tokenizer-model "$TOKENIZER" --output-dir "$OUT" \
     --losses $LOSSES --seeds $SEEDS --gamma "$GAMMA" --nproc-per-node "$NPROC" --layout $LAYOUT ${COMPARE_ARGS:-} \

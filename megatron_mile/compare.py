@@ -33,20 +33,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_mile.arguments import build_parser as trainer_parser
-    from megatron_mile.comparison.pipeline import LOSSES, ComparisonConfig
+    from megatron_mile.comparison.pipeline import LOSSES, ComparisonConfig, trainer_default
     from megatron_mile.comparison.runs import LAYOUTS
 
-    trainer = trainer_parser()
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True, help="runs, evaluations and the comparison go here")
     p.add_argument("--data-path", nargs="+", required=True, help="the training data, as megatron-mile-train takes it")
     p.add_argument("--tokenizer-model", required=True)
     p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
                    help="default: %(default)s")
-    p.add_argument("--seeds", nargs="+", type=int, default=[trainer.get_default("seed")],
+    p.add_argument("--seeds", nargs="+", type=int, default=[trainer_default("seed")],
                    help="one run per loss and seed (default: the trainer's --seed, %(default)s)")
-    p.add_argument("--gamma", type=float, default=trainer.get_default("mile_gamma"),
+    p.add_argument("--gamma", type=float, default=trainer_default("mile_gamma"),
                    help="gamma of focal and MiLe (default: %(default)s)")
     p.add_argument("--nproc-per-node", type=int, default=ComparisonConfig.nproc,
                    help="processes per run (default: %(default)s)")

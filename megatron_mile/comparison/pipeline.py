@@ -32,6 +32,13 @@ from megatron_mile.comparison.steps import Steps, write_json, write_text
 LOSSES = ("ce", "focal", "mile")
 
 
+def trainer_default(name: str):
+    """A trainer flag's default (its argparse default is the one place it is set)."""
+    from megatron_mile.arguments import build_parser
+
+    return build_parser().get_default(name)
+
+
 @dataclass(frozen=True)
 class ComparisonConfig:
     output_dir: str
@@ -39,8 +46,8 @@ class ComparisonConfig:
     tokenizer_model: str
     trainer_args: list[str]  # shared by every run: model, batch, budget, schedule, evaluation
     losses: list[str] = field(default_factory=lambda: list(LOSSES))
-    seeds: list[int] = field(default_factory=lambda: [1234])
-    gamma: float = 1.0
+    seeds: list[int] = field(default_factory=lambda: [trainer_default("seed")])
+    gamma: float = field(default_factory=lambda: trainer_default("mile_gamma"))
     layouts: dict[str, str] = field(default_factory=dict)  # loss -> layout; default_layout otherwise
     default_layout: str = "dp"
     nproc: int = 1
@@ -214,17 +221,20 @@ class _Comparison:
             source = resolve_source(run.directory, label)
             self.steps.run(f"convert {label}", checkpoint,
                            lambda: {"hf_directory": conversion_cache.hf_directory(source, log=self.log)},
+                           what=f"{source.checkpoint} to Hugging Face",
                            still_valid=lambda result: not conversion_cache.needs_conversion(source))
             scores[label] = self.steps.run(
                 f"lm-eval {label}", {"checkpoint": checkpoint, "tasks": tasks, "task": task_key,
                                      "options": asdict(options)},
                 lambda: evaluate_downstream([run.directory], tasks, os.path.join(self.out, "lm_eval", label),
                                             labels=[label], options=options, offline=include_path is not None,
-                                            log=self.log)["runs"][label])
+                                            log=self.log)["runs"][label],
+                what=f"lm-eval {tasks}, zero-shot")
             buckets[label] = self.steps.run(
                 f"buckets {label}", {"checkpoint": checkpoint, "max_tokens": config.buckets_max_tokens,
                                      "data": self.data},
-                lambda: _bucket_analysis(run.directory, label, config, self.out))
+                lambda: _bucket_analysis(run.directory, label, config, self.out),
+                what="perplexity and entropy per frequency bucket on the validation sets")
         return scores, buckets
 
     def unigram(self) -> dict[str, float]:
