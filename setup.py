@@ -26,5 +26,8 @@ setup(
         "eval": ["lm-eval", "transformers", "safetensors"],
         "test": ["pytest", "transformers", "safetensors", "matplotlib", "lm-eval"],
     },
-    entry_points={"console_scripts": ["megatron-mile-train=megatron_mile.train:main"]},
+    entry_points={"console_scripts": [
+        "megatron-mile-train=megatron_mile.train:main",
+        "megatron-mile-buckets=megatron_mile.buckets:main",
+    ]},
 )
