@@ -164,16 +164,27 @@ def _free_port() -> int:
 
 
 def _start_runtime(tp: int, pp: int, seed: int):
-    """``runtime.initialize`` at the scoring layout; a single process gets a world of one on a free port."""
+    """``runtime.initialize`` at the scoring layout, and the function that undoes what this call started.
+
+    A process without ``torch.distributed`` (and not under torchrun) gets a world of one on a free port.
+    """
     import torch.distributed as dist
 
     from megatron_mile import runtime
 
-    started = not dist.is_initialized()
-    if started and "WORLD_SIZE" not in os.environ:
+    if dist.is_initialized():
+        return runtime.initialize(tp, pp, seed=seed), lambda: None
+    saved = dict(os.environ)
+    if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    return runtime.initialize(tp, pp, seed=seed), started
+
+    def stop() -> None:
+        runtime.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+    return runtime.initialize(tp, pp, seed=seed), stop
 
 
 # --------------------------------------------------------------------------- counting
@@ -226,12 +237,13 @@ def training_counts(spans: Sequence[frequency.Span], vocab_size: int, tokenizer_
 # --------------------------------------------------------------------------- the analysis
 
 
-def _validation_sizes(blend, split: str, seq_length: int, max_tokens: int) -> tuple[int, int]:
+def _validation_sizes(blend, split: str, shared: bool, seq_length: int, max_tokens: int) -> tuple[int, int]:
     """Samples to score on the blended validation set and on each domain's (see the module docstring)."""
     valid = frequency.split_bounds(split, 1)
-    shared = blend.eval_prefixes == blend.train_prefixes  # as build_pretraining_datasets decides
 
     def samples(prefix: str, held_out: bool) -> int:
+        if held_out and valid is None:
+            return 0
         span = frequency.dataset_span(prefix, valid if held_out else (0.0, 1.0))
         return max(span.tokens - 1, 0) // seq_length  # a sample holds seq_length + 1 tokens
 
@@ -254,6 +266,65 @@ def _log_on_last_rank(rank: int, world_size: int) -> Callable[[str], None]:
     return lambda message: print(message, file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the analysis needs, checked."""
+
+    models: list[_Model]
+    tokenizer: Any
+    blend: Any
+    split: str
+    seed: int
+    seq_length: int
+    train_spans: list[frequency.Span]
+    valid_samples: int  # on the blended validation set
+    domain_valid_samples: int  # on each domain's
+
+
+def _plan(models: Sequence[str], data_path: str | Sequence[str], tokenizer_model: str,
+          labels: Optional[Sequence[str]], iteration: Optional[int], tokenizer_type: Optional[str],
+          split: Optional[str], max_tokens: int, seq_length: Optional[int], seed: Optional[int], tp: int,
+          pp: int) -> _Plan:
+    """Check every input (raising ``BucketsError``) and settle the defaults; reads only headers."""
+    from megatron_mile.data import build_tokenizer, load_blend
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % (tp * pp):
+        raise BucketsError(f"{world_size} processes do not divide into --tensor-model-parallel-size {tp} x "
+                           f"--pipeline-model-parallel-size {pp}")
+    try:
+        sources = resolve_sources(models, labels, iteration)
+        tokenizer = build_tokenizer(tokenizer_model, tokenizer_type)
+        blend = load_blend(data_path)
+    except (SourceError, ValueError) as err:
+        raise BucketsError(str(err)) from None
+    inspected = [_inspect_run(s, tokenizer.vocab_size, tp, pp) if s.kind == RUN else _inspect_hf(s, tokenizer)
+                 for s in sources]
+    split = _agreed_split(inspected, split)
+    first_run = next((m for m in inspected if m.run_args is not None), None)
+    seed = seed if seed is not None else (first_run.run_args["seed"] if first_run else _trainer_default("seed"))
+    seq_length = seq_length or (first_run or inspected[0]).max_seq_length
+    for model in inspected:
+        if seq_length > model.max_seq_length:
+            raise BucketsError(f"--seq-length {seq_length}: {model.source.path} handles at most "
+                               f"{model.max_seq_length} positions")
+    if max_tokens < seq_length:
+        raise BucketsError(f"--max-tokens {max_tokens} is less than one sequence of {seq_length} tokens")
+    shared = blend.eval_prefixes == blend.train_prefixes  # as build_pretraining_datasets decides
+    for part, name in ((0, "training"), (1, "validation")):
+        if shared and frequency.split_bounds(split, part) is None:
+            raise BucketsError(f"--split {split} leaves no {name} data")
+    train_spans = [frequency.dataset_span(p, frequency.split_bounds(split, 0) if shared else (0.0, 1.0))
+                   for p in blend.train_prefixes]
+    for span in train_spans:
+        if span.tokens == 0:
+            raise BucketsError(f"{span.prefix}: the training split of --split {split} holds no tokens")
+    _check_data_matches_tokenizer(dict.fromkeys(blend.train_prefixes + blend.eval_prefixes +
+                                                list(blend.domains.values())), tokenizer.vocab_size)
+    valid, domain_valid = _validation_sizes(blend, split, shared, seq_length, max_tokens)
+    return _Plan(inspected, tokenizer, blend, split, seed, seq_length, train_spans, valid, domain_valid)
+
+
 def analyze_buckets(models: Sequence[str], data_path: str | Sequence[str], tokenizer_model: str, *,
                     labels: Optional[Sequence[str]] = None, iteration: Optional[int] = None,
                     tokenizer_type: Optional[str] = None, split: Optional[str] = None,
@@ -268,71 +339,41 @@ def analyze_buckets(models: Sequence[str], data_path: str | Sequence[str], token
     directories. Call it in a process without ``torch.distributed``, or on every rank of a
     torchrun job whose size divides by TP × PP (the rest is data parallel); every rank gets the
     result. Raises ``BucketsError`` (one line) for bad input, before any work. Progress goes to
-    stderr from the last rank.
+    stderr from the last rank. The keywords are the CLI's flags (``megatron-mile-buckets --help``);
+    ``data_cache_path`` is where megatron-core keeps the validation sample indices (None: its
+    default, beside the data).
     """
-    from megatron_mile.data import build_pretraining_datasets, build_tokenizer, load_blend
+    from megatron_mile.data import build_pretraining_datasets
 
     cutoffs = check_cutoffs(cutoffs)
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     _check_positive(max_tokens=max_tokens, micro_batch_size=micro_batch_size, tensor_model_parallel_size=tp,
                     pipeline_model_parallel_size=pp, count_workers=count_workers, seq_length=seq_length)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size % (tp * pp):
-        raise BucketsError(f"{world_size} processes do not divide into --tensor-model-parallel-size {tp} x "
-                           f"--pipeline-model-parallel-size {pp}")
-    try:
-        sources = resolve_sources(models, labels, iteration)
-        tokenizer = build_tokenizer(tokenizer_model, tokenizer_type)
-        blend = load_blend(data_path)
-    except (SourceError, ValueError) as err:
-        raise BucketsError(str(err)) from None
-    vocab_size = tokenizer.vocab_size
-    inspected = [_inspect_run(s, vocab_size, tp, pp) if s.kind == RUN else _inspect_hf(s, tokenizer)
-                 for s in sources]
-    split = _agreed_split(inspected, split)
-    first_run = next((m.run_args for m in inspected if m.run_args is not None), None)
-    seed = seed if seed is not None else (first_run["seed"] if first_run else _trainer_default("seed"))
-    seq_length = seq_length or inspected[0].max_seq_length
-    for model in inspected:
-        if seq_length > model.max_seq_length:
-            raise BucketsError(f"--seq-length {seq_length}: {model.source.path} handles at most "
-                               f"{model.max_seq_length} positions")
-    if max_tokens < seq_length:
-        raise BucketsError(f"--max-tokens {max_tokens} is less than one sequence of {seq_length} tokens")
-    shared = blend.eval_prefixes == blend.train_prefixes
-    train_bounds = frequency.split_bounds(split, 0) if shared else (0.0, 1.0)
-    spans = [frequency.dataset_span(p, train_bounds) for p in blend.train_prefixes]
-    for span in spans:
-        if span.tokens == 0:
-            raise BucketsError(f"{span.prefix}: the training split of --split {split} holds no tokens")
-    _check_data_matches_tokenizer(dict.fromkeys(blend.train_prefixes + blend.eval_prefixes +
-                                                list(blend.domains.values())), vocab_size)
-    n_overall, n_domain = _validation_sizes(blend, split, seq_length, max_tokens)
+    plan = _plan(models, data_path, tokenizer_model, labels, iteration, tokenizer_type, split, max_tokens,
+                 seq_length, seed, tp, pp)
+    vocab_size = plan.tokenizer.vocab_size
 
-    rt, started = _start_runtime(tp, pp, seed)
+    rt, stop_runtime = _start_runtime(tp, pp, plan.seed)
     log = _log_on_last_rank(rt.rank, rt.world_size)
     try:
-        counts = training_counts(spans, vocab_size, frequency.file_digest(tokenizer_model), counts_cache_dir,
-                                 count_workers, log)
-        frequencies = frequency.blend_frequencies(counts, blend.train_weights)
+        counts = training_counts(plan.train_spans, vocab_size, frequency.file_digest(tokenizer_model),
+                                 counts_cache_dir, count_workers, log)
+        frequencies = frequency.blend_frequencies(counts, plan.blend.train_weights)
         buckets = frequency.assign_buckets(frequencies, cutoffs)
         bucket_of = torch.from_numpy(buckets.astype(np.int64))
-        datasets = build_pretraining_datasets(blend, tokenizer, seq_length, seed, train_samples=0,
-                                              valid_samples=n_overall, test_samples=0, split=split,
-                                              path_to_cache=data_cache_path, domain_valid_samples=n_domain)
-        runs = {}
-        for model in inspected:
-            runs[model.source.label] = _score_model(model, vocab_size, datasets, n_overall, n_domain, bucket_of,
-                                                    micro_batch_size, rt, log)
+        datasets = build_pretraining_datasets(
+            plan.blend, plan.tokenizer, plan.seq_length, plan.seed, train_samples=0,
+            valid_samples=plan.valid_samples, test_samples=0, split=plan.split, path_to_cache=data_cache_path,
+            domain_valid_samples=plan.domain_valid_samples)
+        runs = {model.source.label: _score_model(model, vocab_size, datasets, plan, bucket_of, micro_batch_size, rt,
+                                                 log)
+                for model in plan.models}
     finally:
-        if started:
-            from megatron_mile import runtime
-
-            runtime.shutdown()
+        stop_runtime()
     return {"buckets": frequency.bucket_table(frequencies, buckets), "runs": runs}
 
 
-def _score_model(model: _Model, vocab_size: int, datasets, n_overall: int, n_domain: int, bucket_of: torch.Tensor,
+def _score_model(model: _Model, vocab_size: int, datasets, plan: _Plan, bucket_of: torch.Tensor,
                  micro_batch_size: int, rt, log: Callable[[str], None]) -> dict:
     from megatron_mile.arguments import model_shape
     from megatron_mile.evaluation.token_scoring import HFScorer, RunScorer, summarize
@@ -345,11 +386,13 @@ def _score_model(model: _Model, vocab_size: int, datasets, n_overall: int, n_dom
     else:
         log(f"{source.label}: loading the Hugging Face model {source.path}")
         scorer = HFScorer(source.path, vocab_size, rt.device)
-    result = summarize(scorer.score(datasets.valid, n_overall, bucket_of, micro_batch_size, log,
-                                    f"{source.label} validation blend"))
-    result["domains"] = {
-        domain: summarize(scorer.score(dataset, n_domain, bucket_of, micro_batch_size, log, f"{source.label} {domain}"))
-        for domain, dataset in sorted(datasets.domain_valid.items())}
+
+    def score(dataset, samples: int, what: str) -> dict:
+        return summarize(scorer.score(dataset, samples, bucket_of, micro_batch_size, log, f"{source.label} {what}"))
+
+    result = score(datasets.valid, plan.valid_samples, "validation blend")
+    result["domains"] = {domain: score(dataset, plan.domain_valid_samples, domain)
+                         for domain, dataset in sorted(datasets.domain_valid.items())}
     log(f"{source.label}: overall ppl {result['overall']['ppl']:.4f} over {result['overall']['tokens']:,} tokens")
     del scorer
     gc.collect()

@@ -56,7 +56,7 @@ import numpy as np
 
 BUCKETS = ("high", "medium", "low", "unseen")
 CHUNK_TOKENS = 1 << 22  # 8 MiB of uint16 tokens per bincount: fast and cache friendly
-BLOCK_TOKENS = 1 << 28  # one unit of work (and of progress)
+BLOCK_TOKENS = 1 << 24  # one unit of work shared out to ranks and processes, and of progress
 CACHE_FORMAT = "megatron-mile-token-counts/1"
 BOUNDARY_TOLERANCE = 1e-9
 
@@ -84,8 +84,9 @@ class Span:
         return self.end_token - self.first_token
 
 
-def split_bounds(split: str, part: int) -> tuple[float, float]:
-    """megatron-core's bounds of split ``part`` (0 train, 1 valid, 2 test) for a ``--split`` string."""
+def split_bounds(split: str, part: int) -> Optional[tuple[float, float]]:
+    """megatron-core's bounds of split ``part`` (0 train, 1 valid, 2 test) for a ``--split`` string;
+    None for an empty part."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
@@ -210,8 +211,8 @@ def file_digest(path: str) -> str:
 
 
 def cache_key(span: Span, vocab_size: int, tokenizer_digest: str) -> dict:
-    files = {suffix: [os.stat(span.prefix + suffix).st_size, os.stat(span.prefix + suffix).st_mtime_ns]
-             for suffix in (".bin", ".idx")}
+    stats = {suffix: os.stat(span.prefix + suffix) for suffix in (".bin", ".idx")}
+    files = {suffix: [stat.st_size, stat.st_mtime_ns] for suffix, stat in stats.items()}
     return {"format": CACHE_FORMAT, "files": files, "sequences": [span.begin, span.end], "vocab_size": vocab_size,
             "tokenizer": tokenizer_digest}
 
