@@ -21,14 +21,13 @@ import warnings
 warnings.filterwarnings("ignore", module=r"megatron\.core")  # Apex/TE fallbacks are irrelevant here
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
 
-from megatron_mile.evaluation.bucket_analysis import (  # noqa: E402
-    DEFAULT_CUTOFFS, DEFAULT_MAX_TOKENS, DEFAULT_MICRO_BATCH_SIZE, BucketsError, analyze_buckets)
-from megatron_mile.evaluation.frequency import FrequencyError  # noqa: E402
-
+# Nothing heavy at import: --count-workers spawns processes that import this module again.
 PROG = "megatron-mile-buckets"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_mile.evaluation.bucket_analysis import DEFAULT_CUTOFFS, DEFAULT_MAX_TOKENS, DEFAULT_MICRO_BATCH_SIZE
+
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", metavar="RUN_OR_HF",
                    help="training --save directories (or iter_N checkpoints) and Hugging Face model directories")
@@ -62,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_cutoffs(text: str) -> tuple[float, ...]:
+    from megatron_mile.evaluation.bucket_analysis import BucketsError
+
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -69,6 +70,8 @@ def parse_cutoffs(text: str) -> tuple[float, ...]:
 
 
 def _check_output_dir(path: str) -> None:
+    from megatron_mile.evaluation.bucket_analysis import BucketsError
+
     if os.path.exists(path) and not os.path.isdir(path):
         raise BucketsError(f"--output-dir: {path} exists and is not a directory")
     try:
@@ -78,6 +81,9 @@ def _check_output_dir(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_mile.evaluation.bucket_analysis import BucketsError, analyze_buckets
+    from megatron_mile.evaluation.frequency import FrequencyError
+
     args = build_parser().parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +52,8 @@ from multiprocessing import get_context
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
+
+from megatron_mile.evaluation.progress import Progress
 
 BUCKETS = ("high", "medium", "low", "unseen")
 CHUNK_TOKENS = 1 << 22  # 8 MiB of uint16 tokens per bincount: fast and cache friendly
@@ -134,25 +135,6 @@ def _blocks(spans: Sequence[Span], block_tokens: int) -> list[tuple[int, int, in
             for i, span in enumerate(spans) for start in range(span.first_token, span.end_token, block_tokens)]
 
 
-class Progress:
-    """Prints tokens done and tokens/s at most every ``interval`` seconds, and at the end."""
-
-    def __init__(self, total: int, log: Callable[[str], None], interval: float = 10.0) -> None:
-        self.total, self.log, self.interval = total, log, interval
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def add(self, tokens: int) -> None:
-        self.done += tokens
-        now = time.perf_counter()
-        if now - self.last >= self.interval or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            self.log(f"counting: {self.done:,} / {self.total:,} tokens ({100 * self.done / max(self.total, 1):.1f}%), "
-                     f"{rate / 1e6:,.1f}M tokens/s, {eta:,.0f} s left")
-
-
 def _run_jobs(jobs: list[tuple], workers: int) -> Iterator[np.ndarray]:
     """``count_range`` of every job, in order; at most ``2 * workers`` results wait in memory."""
     if workers <= 1:
@@ -181,7 +163,7 @@ def count_tokens(spans: Sequence[Span], vocab_size: int, workers: int = 1, shard
     rank, world = shard
     mine = _blocks(spans, block_tokens)[rank::world]
     counts = np.zeros((len(spans), vocab_size + 1), dtype=np.int64)
-    progress = Progress(sum(end - first for _, first, end in mine), log or (lambda _: None))
+    progress = Progress("counting", sum(end - first for _, first, end in mine), log or (lambda _: None))
     jobs = [(spans[i].prefix + ".bin", spans[i].dtype, first, end, vocab_size, chunk_tokens) for i, first, end in mine]
     for (i, first, end), found in zip(mine, _run_jobs(jobs, workers)):
         counts[i] += found

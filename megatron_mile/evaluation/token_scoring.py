@@ -25,7 +25,6 @@ Both return the same sums on every rank.
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mile.evaluation.frequency import BUCKETS
+from megatron_mile.evaluation.progress import Progress
 
 STATS = ("ce", "entropy", "tokens")  # rows of a sums tensor
 
@@ -84,25 +84,6 @@ def micro_batches(dataset, num_samples: int, micro_batch_size: int, rank: int, w
     return [partial(build, mine[k:k + micro_batch_size]) for k in range(0, per_rank, micro_batch_size)]
 
 
-class _Progress:
-    """One line per ``interval`` seconds with samples done and tokens/s (from the caller's rank)."""
-
-    def __init__(self, what: str, total: int, tokens_per_batch: int, log: Callable[[str], None],
-                 interval: float = 30.0) -> None:
-        self.what, self.total, self.tokens_per_batch, self.log, self.interval = (
-            what, total, tokens_per_batch, log, interval)
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def step(self) -> None:
-        self.done += 1
-        now = time.perf_counter()
-        if now - self.last >= self.interval:
-            self.last = now
-            rate = self.done * self.tokens_per_batch / (now - self.start)
-            self.log(f"{self.what}: {self.done}/{self.total} micro-batches, {rate:,.0f} tokens/s per rank")
-
-
 class RunScorer:
     """A megatron-mile checkpoint at this job's layout (``runtime.initialize`` must have run)."""
 
@@ -121,18 +102,18 @@ class RunScorer:
         for chunk in self.chunks:
             chunk.eval()
 
-    def _loss(self, batch: dict[str, torch.Tensor], bucket_of: torch.Tensor, progress: _Progress,
+    def _loss(self, batch: dict[str, torch.Tensor], bucket_of: torch.Tensor, progress: Progress,
               logits: torch.Tensor):
         from megatron_mile.loss import vocab_parallel_ce_and_entropy
 
         labels = batch["labels"].to(self.device)
         # The logits are not read again: let the CE reuse their buffer.
         ce, entropy, _ = vocab_parallel_ce_and_entropy(logits, labels, vocab_size=self.vocab_size, inplace=True)
-        progress.step()
+        progress.add(labels.numel())
         sums = bucket_sums(ce, entropy, bucket_of[labels], batch["loss_mask"].to(self.device))
         return ce.new_zeros(()), {"sums": sums}
 
-    def _forward_step(self, bucket_of: torch.Tensor, progress: _Progress, data_iterator: Iterator, model):
+    def _forward_step(self, bucket_of: torch.Tensor, progress: Progress, data_iterator: Iterator, model):
         batch = next(data_iterator)()
         logits = model(batch["tokens"].to(self.device), batch["position_ids"].to(self.device), None)
         return logits, partial(self._loss, batch, bucket_of, progress)
@@ -147,7 +128,7 @@ class RunScorer:
                                 parallel_state.get_data_parallel_rank(),
                                 parallel_state.get_data_parallel_world_size())
         seq_length = len(dataset[0]["tokens"])
-        progress = _Progress(what, len(batches), micro_batch_size * seq_length, log)
+        progress = Progress(what, len(batches) * micro_batch_size * seq_length, log, interval=30.0)
         outputs = get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, bucket_of.to(self.device), progress),
             data_iterator=iter(batches), model=self.chunks, num_microbatches=len(batches),
@@ -184,7 +165,7 @@ class HFScorer:
     def score(self, dataset, num_samples: int, bucket_of: torch.Tensor, micro_batch_size: int,
               log: Callable[[str], None], what: str) -> torch.Tensor:
         batches = micro_batches(dataset, num_samples, micro_batch_size, dist.get_rank(), dist.get_world_size())
-        progress = _Progress(what, len(batches), micro_batch_size * len(dataset[0]["tokens"]), log)
+        progress = Progress(what, len(batches) * micro_batch_size * len(dataset[0]["tokens"]), log, interval=30.0)
         bucket_of = bucket_of.to(self.device)
         sums = torch.zeros(len(STATS), len(BUCKETS), dtype=torch.float64, device=self.device)
         for build in batches:
@@ -192,6 +173,6 @@ class HFScorer:
             logits = self.model(input_ids=batch["tokens"], position_ids=batch["position_ids"]).logits
             ce, entropy = full_logits_ce_and_entropy(logits[..., : self.vocab_size], batch["labels"])
             sums += bucket_sums(ce, entropy, bucket_of[batch["labels"]], batch["loss_mask"])
-            progress.step()
+            progress.add(batch["labels"].numel())
         dist.all_reduce(sums)
         return sums
