@@ -185,8 +185,10 @@ def scored(demo, tmp_path_factory) -> dict:
         # 3 per micro-batch: the 8 samples end in a padded micro-batch whose padding must not count.
         "single": _buckets_command(runs["ce"], runs["mile"], hf["mile"], "--labels", "ce", "mile", "hf_mile", *data,
                                    "--micro-batch-size", "3", "--output-dir", out["single"]),
+        # Its own counts cache, so the two ranks share the counting (one dataset each).
         "tp2": _buckets_command(runs["ce"], runs["mile"], "--labels", "ce", "mile", *data,
-                                "--tensor-model-parallel-size", "2", "--output-dir", out["tp2"], nproc=2),
+                                "--tensor-model-parallel-size", "2", "--counts-cache-dir", str(root / "counts_tp2"),
+                                "--output-dir", out["tp2"], nproc=2),
     })
     return {**runs, "hf": hf, "out": out["single"], "root": root, "stdout": done["single"].stdout,
             "result": _read_json(os.path.join(out["single"], "buckets.json")),
@@ -289,7 +291,8 @@ def test_hf_directory_scores_like_its_run(scored):
 
 def test_tensor_parallel_scoring_equals_single_process(scored):
     tp2, single = scored["tp2"], scored["result"]
-    assert tp2["buckets"] == single["buckets"]
+    assert tp2["buckets"] == single["buckets"]  # counted by two ranks, one dataset each, and summed
+    assert len(os.listdir(scored["root"] / "counts_tp2")) == 2
     for label in ("ce", "mile"):
         _assert_runs_close(tp2["runs"][label], single["runs"][label], rtol=1e-5)
 
