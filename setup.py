@@ -28,8 +28,11 @@ setup(
         "eval": ["lm-eval", "accelerate", "transformers", "safetensors", "matplotlib"],
         "test": ["pytest", "transformers", "safetensors", "matplotlib", "lm-eval", "accelerate"],
     },
-    entry_points={"console_scripts": ["megatron-mile-train=megatron_mile.train:main",
-                                      "megatron-mile-plan=megatron_mile.plan:main",
-                                      "megatron-mile-eval=megatron_mile.eval:main",
-                                      "megatron-mile-compare=megatron_mile.compare:main"]},
+    entry_points={"console_scripts": [
+        "megatron-mile-train=megatron_mile.train:main",
+        "megatron-mile-eval=megatron_mile.eval:main",
+        "megatron-mile-buckets=megatron_mile.buckets:main",
+        "megatron-mile-plan=megatron_mile.plan:main",
+        "megatron-mile-compare=megatron_mile.compare:main",
+    ]},
 )

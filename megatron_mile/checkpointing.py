@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -227,6 +228,26 @@ def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
         log.info("checkpoint layout %s differs from this run's %s: RNG states start fresh",
                  common["layout"], _layout())
     return TrainingState(iteration=loaded["iteration"], consumed_samples=loaded["consumed_samples"])
+
+
+def load_model_weights(path: str, chunks: list[torch.nn.Module], vocab_size: int) -> dict[str, Any]:
+    """Load only the model of the checkpoint directory ``path`` (an ``iter_N`` directory) into ``chunks``.
+
+    Collective. ``chunks`` may be built at any TP/PP/VP layout: ``dist_checkpointing`` reshards the
+    saved tensors into it (the vocabulary rows included, whatever padding either layout uses).
+    Nothing else is read: no optimizer, scheduler or RNG state. Returns the checkpoint's common
+    state (``args``, ``vocab_size``, ``layout``, ``iteration``, ...).
+    """
+    common = dist_checkpointing.load_common_state_dict(path)
+    if vocab_size > common["vocab_size"]:
+        raise CheckpointError(f"the tokenizer has {vocab_size} tokens, more than the {common['vocab_size']} of the "
+                              f"checkpoint {path}")
+    # RAISE_UNEXPECTED: a model that asks for a tensor the checkpoint lacks is the wrong model.
+    loaded = dist_checkpointing.load(_sharded_state(chunks, None, "plain", is_loading=True), path,
+                                     strict=StrictHandling.RAISE_UNEXPECTED)
+    for index, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{index}"])
+    return common
 
 
 def _check_optimizer_format(path: str, saved: str, this_run: str, saved_layout: dict[str, int]) -> None:
