@@ -62,6 +62,10 @@ fi
 DATA=${DATA:-data/pile/blend.json}
 TOKENIZER=${TOKENIZER:-data/pile/tokenizer.model}
 
+# One intra-op thread per process (torchrun's default for its ranks, and for the evaluation here):
+# with more threads than free cores torch slows down badly (a tiny model's forward pass ran 9x
+# slower with 2 threads than with 1 on a busy 2-core machine).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # shellcheck disable=SC2086  # LOSSES, SEEDS, LAYOUT and the *_ARGS are word lists
 "$PYTHON" -m megatron_mile.compare --data-path "$DATA" --tokenizer-model "$TOKENIZER" --output-dir "$OUT" \
     --losses $LOSSES --seeds $SEEDS --gamma "$GAMMA" --nproc-per-node "$NPROC" --layout $LAYOUT ${COMPARE_ARGS:-} \

@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_mile.evaluation import frequency
+
 TASK = "heldout_next_line"
 MIN_LINE_CHARS = 12  # shorter lines (blank, "}", "---") say little about the document
 VALID, TEST = 1, 2  # megatron-core's split indices
@@ -67,16 +69,11 @@ class TaskSettings:
 
 def split_documents(prefix: str, split: str, part: int) -> range:
     """Documents of ``prefix`` that megatron-core assigns to split ``part`` (0 train, 1 valid, 2 test)."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[part]
-    documents = len(IndexedDataset(prefix))
+    bounds = frequency.split_bounds(split, part)
     if bounds is None:
         return range(0)
-    # The rounding megatron-core's BlendedMegatronDatasetBuilder uses to cut a dataset into splits.
-    return range(int(round(bounds[0] * documents)), int(round(bounds[1] * documents)))
+    span = frequency.dataset_span(prefix, bounds)
+    return range(span.begin, span.end)
 
 
 def held_out_documents(prefix: str, split: str, shared_with_training: bool) -> tuple[list[int], int]:

@@ -27,6 +27,7 @@ from megatron_mile.comparison.aggregate import RunResult, by_loss, difference
 from megatron_mile.comparison.heldout_task import TASK, TaskSettings
 from megatron_mile.comparison.report import markdown_table
 from megatron_mile.comparison.steps import Steps, write_json, write_text
+from megatron_mile.evaluation.bucket_analysis import DEFAULT_MAX_TOKENS
 
 
 LOSSES = ("ce", "focal", "mile")
@@ -57,7 +58,7 @@ class ComparisonConfig:
     eval_limit: Optional[float] = None
     eval_batch_size: int = 32
     device: Optional[str] = None
-    buckets_max_tokens: int = 1 << 16
+    buckets_max_tokens: int = DEFAULT_MAX_TOKENS
     python: str = sys.executable
 
 
@@ -116,6 +117,11 @@ def plan_runs(config: ComparisonConfig):
             args = grid.check_trainer_argv(argv, config.nproc)
             grid.check_existing(directory, argv)
             planned.append(_Run(spec, directory, argv))
+    from megatron_mile.evaluation.frequency import split_bounds
+
+    if split_bounds(args.split, 1) is None:
+        raise grid.ComparisonError(f"trainer arguments: --split {args.split} holds no validation data; the "
+                                   "comparison evaluates on it")
     return planned, args
 
 

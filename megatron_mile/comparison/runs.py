@@ -140,10 +140,7 @@ def train(spec: RunSpec, run_dir: str, argv: list[str], nproc: int, train_iters:
         log(f"{spec.label}: resuming from iteration {done}")
         command += ["--load", run_dir]
     if done != train_iters:
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        # The ranks share the cores (evaluation, in this process, keeps torch's default: all of them).
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        proc = subprocess.run(command, env=env)
+        proc = subprocess.run(command, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode:
             raise TrainingFailed(f"{spec.label}: the trainer exited with code {proc.returncode} (its output is above)")
     if finished_iteration(run_dir) != train_iters:
