@@ -141,10 +141,10 @@ def test_unigram_validation_ce_against_float64_reference(corpus):
 
 # --------------------------------------------------------------------------- the demo and the reproduction
 
-ITERS = "4"
+ITERS = "2"
 # The launchers' tiny settings, shrunk to a few iterations on the test corpus (later flags win).
 TRAINER_OVERRIDES = ("--seq-length 64 --micro-batch-size 2 --global-batch-size 4 --lr 1e-3 --lr-warmup-iters 1 "
-                     "--log-interval 1 --eval-interval 2 --eval-iters 1 --save-interval 2")
+                     "--log-interval 1 --eval-interval 2 --eval-iters 1 --save-interval 2")  # one evaluation, one checkpoint
 COMPARE_OVERRIDES = "--task-items-per-domain 4 --eval-batch-size 8 --buckets-max-tokens 2048"
 
 

@@ -107,8 +107,11 @@ def _first_difference(old: list[str], new: list[str]) -> str:
 
 
 def check_existing(run_dir: str, argv: list[str]) -> None:
-    """A run directory holding a run of other arguments is refused (it is never overwritten)."""
+    """A run directory holding a run of other arguments, or anything else, is refused (never overwritten)."""
     recorded = read_json(os.path.join(run_dir, RUN_FILE))
+    if recorded is None and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise ComparisonError(f"{run_dir}: not a run of this comparison (no {RUN_FILE}); remove it or choose "
+                              "another --output-dir")
     if recorded is not None and recorded["argv"] != argv:
         raise ComparisonError(f"{run_dir}: trained with other arguments ({_first_difference(recorded['argv'], argv)}); "
                               "remove it or choose another --output-dir")
