@@ -43,7 +43,8 @@ else
     # The paper's recipe (peak lr 3e-4 cosine to 3e-5, bf16 on GPUs) at 64 x the preset's sequence
     # length per iteration, with a tenth of the run as warm-up.
     ITERS=${ITERS:-2000}
-    [[ $ITERS =~ ^[0-9]+$ ]] && (( ITERS >= 10 && ITERS % 10 == 0 )) || _fail "ITERS must be a multiple of 10, got '$ITERS'"
+    [[ $ITERS =~ ^[0-9]+$ ]] && (( ITERS >= 10 && ITERS % 10 == 0 )) || \
+        _fail "ITERS must be a multiple of 10, got '$ITERS'"
     TRAIN=(--micro-batch-size 8 --global-batch-size 64 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters $(( ITERS / 10 ))
            --eval-interval $(( ITERS / 10 )) --eval-iters 10 --save-interval $(( ITERS / 4 )))
     [ "$GPUS" -gt 0 ] && TRAIN+=(--bf16)

@@ -142,9 +142,10 @@ def test_unigram_validation_ce_against_float64_reference(corpus):
 # --------------------------------------------------------------------------- the demo and the reproduction
 
 ITERS = "2"
-# The launchers' tiny settings, shrunk to a few iterations on the test corpus (later flags win).
+# The launchers' tiny settings, shrunk to a few iterations on the test corpus (later flags win):
+# one evaluation and one checkpoint per run.
 TRAINER_OVERRIDES = ("--seq-length 64 --micro-batch-size 2 --global-batch-size 4 --lr 1e-3 --lr-warmup-iters 1 "
-                     "--log-interval 1 --eval-interval 2 --eval-iters 1 --save-interval 2")  # one evaluation, one checkpoint
+                     "--log-interval 1 --eval-interval 2 --eval-iters 1 --save-interval 2")
 COMPARE_OVERRIDES = "--task-items-per-domain 4 --eval-batch-size 8 --buckets-max-tokens 2048"
 
 

@@ -1,7 +1,8 @@
 """``compare.png``: the comparison's curves and final numbers in one picture.
 
 Top row: training CE and validation log-ppl against tokens, one line per run (one colour per
-loss, the unigram model's validation CE dashed), and the last evaluation's log-ppl per domain.
+loss, whatever the seed; the unigram model's validation CE dashed), and the last evaluation's
+log-ppl per domain.
 Bottom row: perplexity per frequency bucket, its change relative to CE (per seed, in % of CE's
 mean), and the mean predicted entropy per bucket. Bars are means over seeds with the sample std
 as error bars (none with one seed).
@@ -57,9 +58,12 @@ def plot_comparison(runs: Sequence[RunResult], run_dirs: dict[str, str], losses:
     table = by_loss(runs, losses)
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
 
+    labelled = set()
     for run in runs:
         curve = curves.read_run(run_dirs[run.label], run.label)
-        name = f"{LOSS_NAMES.get(run.loss, run.loss)} seed {run.seed}"
+        # One legend entry per loss: its seeds share the colour.
+        name = "_" if run.loss in labelled else LOSS_NAMES.get(run.loss, run.loss)
+        labelled.add(run.loss)
         axes[0][0].plot(*curves.series(curve.train, "consumed_tokens", "ce"), color=colors[run.loss], label=name)
         axes[0][1].plot(*curves.series(curve.eval, "consumed_tokens", "eval_loss"), color=colors[run.loss],
                         marker=".", label=name)

@@ -89,6 +89,7 @@ class Steps:
         """One line per step: ran or reused, and its time."""
         lines = []
         for r in self.records:
-            took = f"{r.elapsed_s:.1f} s" if r.status == RAN else f"{r.elapsed_s:.2f} s (ran in {r.first_elapsed_s:.1f} s)"
+            took = (f"{r.elapsed_s:.1f} s" if r.status == RAN
+                    else f"{r.elapsed_s:.2f} s (ran in {r.first_elapsed_s:.1f} s)")
             lines.append(f"  {r.name:<32} {r.status:<7} {took}")
         return "\n".join(lines)

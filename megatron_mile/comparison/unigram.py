@@ -53,7 +53,8 @@ def validation_cross_entropy(data_path: str | Sequence[str], tokenizer_model: st
         return frequency.count_range(prefix + ".bin", span.dtype, span.first_token, span.end_token,
                                      vocab_size)[:vocab_size]
 
-    counts = {prefix: valid_counts(prefix) for prefix in dict.fromkeys(blend.eval_prefixes + list(blend.domains.values()))}
+    prefixes = dict.fromkeys(blend.eval_prefixes + list(blend.domains.values()))
+    counts = {prefix: valid_counts(prefix) for prefix in prefixes}
     weights = blend.eval_weights or [float(counts[p].sum()) for p in blend.eval_prefixes]  # None: by size
     result = {"valid_logppl": float(np.average([cross_entropy(log_p, counts[p]) for p in blend.eval_prefixes],
                                                weights=weights))}
