@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 STDERR = "_stderr"
+COMPARED = ("mile", "ce")  # the difference every comparison reports: MiLe − CE
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,17 @@
 Each item shows whole lines of a document that training never saw (from the document's start
 where they fit in half the sequence length, else the lines just before) and asks for the
 document's true next line among ``choices`` candidates: that line and ``choices - 1`` lines
-drawn from *other* held-out documents of the same domain. lm-eval scores
-every candidate's log-likelihood after the context, so chance accuracy is exactly ``1 / choices``
-(the true line's position is drawn uniformly).
+drawn from *other* held-out documents of the same domain. lm-eval picks the candidate of highest
+log-likelihood after the context; a guess is right with probability ``1 / choices`` (chance
+accuracy), and the true line's position is drawn uniformly.
 
 Held out means the validation and test split of every domain, cut exactly as the trainer cuts it:
 megatron-core assigns documents ``[round(lo * N), round(hi * N))`` of each domain's dataset to a
 split with bounds ``(lo, hi)`` from ``--split``. A domain whose validation data is a separate
 dataset (a blend with its own ``eval`` prefixes) is held out whole. A held-out document whose
 tokens equal a training document of the same dataset (a file shipped twice, such as a licence) is
-left out, so no item is training text.
+left out, so no item comes from a document the model was trained on (single lines, such as licence
+boilerplate, may still recur across documents).
 
 The items are a deterministic function of the data, the tokenizer, ``--split``, the sequence
 length and ``seed``. Files (``write_task``): ``DIR/heldout_next_line.yaml`` (the lm-eval task,
@@ -35,7 +36,7 @@ from megatron_mile.evaluation import frequency
 
 TASK = "heldout_next_line"
 MIN_LINE_CHARS = 12  # shorter lines (blank, "}", "---") say little about the document
-VALID, TEST = 1, 2  # megatron-core's split indices
+TRAIN, VALID, TEST = 0, 1, 2  # megatron-core's split indices
 
 
 class TaskDataError(ValueError):
@@ -88,7 +89,7 @@ def held_out_documents(prefix: str, split: str, shared_with_training: bool) -> t
     if not shared_with_training:
         return list(range(len(dataset))), 0
     held_out = list(split_documents(prefix, split, VALID)) + list(split_documents(prefix, split, TEST))
-    training = split_documents(prefix, split, 0)
+    training = split_documents(prefix, split, TRAIN)
     lengths = dataset.sequence_lengths
     # Only training documents of a held-out document's length can equal it: compare those alone.
     by_length: dict[int, list[int]] = {}
@@ -165,6 +166,8 @@ def _domain_items(domain: str, texts: dict[int, str], tokenizer, settings: TaskS
 def build_items(data_path: str | Sequence[str], tokenizer_model: str, settings: TaskSettings = TaskSettings(),
                 tokenizer_type: Optional[str] = None) -> tuple[list[Item], dict]:
     """The task's items, and per domain: dataset, held-out documents used, copies dropped, items."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     from megatron_mile.data import build_tokenizer, load_blend
 
     settings.check()
@@ -173,8 +176,6 @@ def build_items(data_path: str | Sequence[str], tokenizer_model: str, settings: 
     if not blend.domains:
         raise TaskDataError(f"{where}: no domains; the task needs a blend JSON (tools/make_blend.py)")
     tokenizer = build_tokenizer(tokenizer_model, tokenizer_type)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     training = set(blend.train_prefixes)
     items, domains = [], {}
     for domain, prefix in sorted(blend.domains.items()):

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 from megatron_mile.comparison import runs as grid
-from megatron_mile.comparison.aggregate import RunResult, by_loss, difference
+from megatron_mile.comparison.aggregate import COMPARED, RunResult, by_loss, difference
 from megatron_mile.comparison.heldout_task import TASK, TaskSettings
 from megatron_mile.comparison.report import markdown_table
 from megatron_mile.comparison.steps import Steps, write_json, write_text
@@ -155,16 +155,16 @@ def caption(config: ComparisonConfig, args, task: Optional[dict]) -> str:
     spread = (f"{len(seeds)} seeds per loss ({', '.join(map(str, seeds))}); ± is the sample standard deviation "
               "(ddof=1) over seeds; MiLe − CE is taken per seed" if len(seeds) > 1 else
               f"one seed ({seeds[0]}); ± is lm-eval's standard error")
-    tokens = args.train_iters * args.global_batch_size * (args.seq_length or _preset_seq_length(args))
-    line = (f"`{args.model_preset}` models, {args.train_iters} iterations ({tokens:,} tokens) per run, "
-            f"focal and MiLe with gamma {config.gamma}; {spread}.")
+    tokens = args.train_iters * args.global_batch_size * _seq_length(args)
+    gamma = f", gamma {config.gamma}" if {"focal", "mile"} & set(config.losses) else ""
+    line = f"`{args.model_preset}` models, {args.train_iters} iterations ({tokens:,} tokens) per run{gamma}; {spread}."
     if task is not None:
         line += (f" Task: {task['items']} held-out next-line items, {task['choices']} choices "
                  f"(chance accuracy {task['chance_accuracy']:.3g}).")
     return line
 
 
-def _preset_seq_length(args) -> int:
+def _seq_length(args) -> int:
     from megatron_mile.arguments import model_shape
 
     return model_shape(args).seq_length
@@ -177,7 +177,7 @@ class _Comparison:
         self.config = config
         self.out = os.path.abspath(config.output_dir)
         self.planned, self.args = plan_runs(config)
-        self.task_settings = TaskSettings(split=self.args.split, seq_length=_preset_seq_length(self.args),
+        self.task_settings = TaskSettings(split=self.args.split, seq_length=_seq_length(self.args),
                                           items_per_domain=config.task_items_per_domain,
                                           choices=config.task_choices, seed=config.seeds[0])
         self.task_settings.check()
@@ -206,7 +206,7 @@ class _Comparison:
             self.steps.run(
                 f"train {run.spec.label}", {"argv": run.argv},
                 lambda: grid.train(run.spec, run.directory, run.argv, config.nproc, train_iters, self.log,
-                                           config.python),
+                                   config.python),
                 what=f"run {i}/{len(self.planned)}: --loss {run.spec.loss} --seed {run.spec.seed}, layout "
                      f"{run.spec.layout} on {config.nproc} process(es) -> {run.directory}",
                 still_valid=lambda result: grid.finished_iteration(run.directory) == train_iters
@@ -268,13 +268,14 @@ class _Comparison:
             results.append(RunResult(label, run.spec.loss, run.spec.seed, metrics))
         table = caption(config, self.args, task) + "\n\n" + markdown_table(results, config.losses, unigram)
         write_text(os.path.join(out, "comparison.md"), table)
-        compared = {"mile", "ce"} <= set(config.losses)
+        compared = set(COMPARED) <= set(config.losses)
         summary = {
             "losses": config.losses, "seeds": config.seeds, "std": "sample standard deviation over seeds (ddof=1)",
             "unigram": unigram, "task": task,
             "by_loss": {m: {loss: asdict(s) for loss, s in row.items()}
                         for m, row in by_loss(results, config.losses).items()},
-            "mile_minus_ce": {m: asdict(s) for m, s in difference(results, "mile", "ce").items()} if compared else None,
+            "mile_minus_ce": ({m: asdict(s) for m, s in difference(results, *COMPARED).items()}
+                              if compared else None),
             "runs": {r.label: r.metrics for r in results},
         }
         write_json(os.path.join(out, "comparison.json"), summary)

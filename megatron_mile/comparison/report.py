@@ -5,7 +5,7 @@ Metric names (the keys of every run's results file):
 - ``train_ce``: training cross-entropy over the last logging window (comparable across losses);
 - ``valid_logppl`` and ``valid_logppl/<domain>``: the trainer's last evaluation (mean CE);
 - ``bucket_ppl/<bucket>``, ``bucket_entropy/<bucket>``: the frequency-bucket analysis;
-- ``task/<metric>`` (and ``_stderr``): lm-eval on the comparison's task.
+- ``task/<task> <metric>`` (and ``_stderr``): lm-eval on the comparison's task(s).
 
 A cell is ``mean ± sample std`` over seeds, or with one seed the value (``± stderr`` where lm-eval
 gives one). The optional ``unigram`` column is the reference the models must beat, and the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from megatron_mile.comparison.aggregate import RunResult, Summary, by_loss, difference
+from megatron_mile.comparison.aggregate import COMPARED, RunResult, Summary, by_loss, difference
 
 LOSS_NAMES = {"ce": "CE", "focal": "focal", "mile": "MiLe"}
 BUCKET_NAMES = {"high": "high-frequency", "medium": "medium-frequency", "low": "low-frequency", "unseen": "unseen"}
@@ -56,11 +56,11 @@ def difference_cell(summary: Optional[Summary]) -> str:
     return cell(summary) + (" (within seed spread)" if summary.within_spread else "")
 
 
-def markdown_table(runs: Sequence[RunResult], losses: Sequence[str], unigram: Optional[dict[str, float]] = None,
-                   compare: tuple[str, str] = ("mile", "ce")) -> str:
+def markdown_table(runs: Sequence[RunResult], losses: Sequence[str], unigram: Optional[dict[str, float]] = None
+                   ) -> str:
     """The table; ``unigram`` maps validation metrics to the unigram model's value."""
     table = by_loss(runs, losses)
-    loss, reference = compare
+    loss, reference = COMPARED
     diff = difference(runs, loss, reference) if loss in losses and reference in losses else None
     header = ["metric", *(LOSS_NAMES.get(name, name) for name in losses)]
     if unigram:

@@ -63,7 +63,7 @@ class Steps:
         marker = read_json(self.marker(name))
         return marker if marker is not None and marker.get("key") == json.loads(json.dumps(key)) else None
 
-    def run(self, name: str, key: Any, work: Callable[[], Any], what: str = "",
+    def run(self, name: str, key: Any, work: Callable[[], Any], what: str,
             still_valid: Optional[Callable[[Any], bool]] = None) -> Any:
         """``work()``'s result, from the marker when the step already ran with this key.
 
@@ -77,7 +77,7 @@ class Steps:
             self.records.append(StepRecord(name, REUSED, elapsed, marker["elapsed_s"]))
             self.log(f"[{name}] done before (took {marker['elapsed_s']:.1f} s then): reused")
             return marker["result"]
-        self.log(f"[{name}] {what or 'running'}")
+        self.log(f"[{name}] {what}")
         result = work()
         elapsed = time.monotonic() - start
         write_json(self.marker(name), {"key": key, "result": result, "elapsed_s": elapsed})
