@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 from megatron_mile.model import INIT_STD, NORM_EPSILON, ModelShape
 
 SWITCH = object()  # the flag takes no value
 ANY = object()  # any value is accepted
-
-Expected = Union[object, Any, Callable[[ModelShape], Any]]
 
 
 @dataclass(frozen=True)
@@ -33,9 +31,13 @@ class Restated:
 
     flag: str
     means: str  # what this project does
-    value: Expected = SWITCH
+    value: Any = SWITCH  # SWITCH, ANY, the one value, or a function of the model shape giving it
     parse: Callable[[str], Any] = str
     shown: str = ""  # how --help spells a value computed from the model shape
+
+    @property
+    def takes_value(self) -> bool:
+        return self.value is not SWITCH
 
     def expected(self, shape: ModelShape) -> Any:
         return self.value(shape) if callable(self.value) else self.value
@@ -122,9 +124,7 @@ class _Record(argparse.Action):
 def add_to_parser(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(**{DEST: {}})
     for entry in FLAGS:
-        switch = isinstance(entry, Refused) and not entry.takes_value or \
-            isinstance(entry, Restated) and entry.value is SWITCH
-        parser.add_argument(entry.flag, action=_Record, nargs=0 if switch else None, dest=DEST,
+        parser.add_argument(entry.flag, action=_Record, nargs=None if entry.takes_value else 0, dest=DEST,
                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 

@@ -121,8 +121,10 @@ def step_if_finite(optimizer: MegatronOptimizer, loss_is_finite: bool, device: t
 
     ``loss_is_finite`` rides in the norm's all-reduce as one more element, 0 or NaN, so the
     whole check costs the norm's own all-reduce and host sync and no per-gradient temporary.
-    Every rank gets the same norm: the all-reduce group (the model-parallel group, or the world
-    for the distributed optimizer) always holds a last pipeline stage, where the loss lives.
+    Every rank gets the same norm: the all-reduce group (the world for the distributed
+    optimizer; one data-parallel replica's model-parallel group for the regular one, whose
+    grads and loss statistics are the same on every replica) always holds a last pipeline
+    stage, where the loss lives.
     """
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as mcore_optimizer
@@ -131,7 +133,8 @@ def step_if_finite(optimizer: MegatronOptimizer, loss_is_finite: bool, device: t
         return None
     parts = component_optimizers(optimizer)
     grads = [grad for part in parts for grad in part.get_main_grads_for_grad_norm()]
-    grads.append(torch.tensor([0.0 if loss_is_finite else math.nan], dtype=torch.float32, device=device))
+    loss_flag = torch.zeros(1, dtype=torch.float32, device=device)  # filled on the device: no host copy
+    grads.append(loss_flag if loss_is_finite else loss_flag.fill_(math.nan))
     # Looked up at call time: the CPU layer (megatron_mile.runtime) replaces these two.
     grad_norm = clip_grads.get_grad_norm_fp32(grads,
                                               grad_stats_parallel_group=optimizer.get_grad_stats_parallel_group())
