@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-from data_fixtures import documents, jsonl_bytes, train_sentencepiece, write
+from data_fixtures import train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,7 +131,7 @@ def test_interleaved_layout_megatron_core_accepts_passes():
 # ------------------------------------------------------------------ tokenizer types
 
 
-def test_megatron_lm_tokenizer_names_load_what_they_mean_here(sp_model, tmp_path):
+def test_megatron_lm_tokenizer_names_load_what_they_mean_here(sp_model, capsys):
     import sentencepiece
 
     from megatron_mile.data.tokenizer import build_tokenizer, resolve_tokenizer_type
@@ -149,14 +148,15 @@ def test_megatron_lm_tokenizer_names_load_what_they_mean_here(sp_model, tmp_path
         assert tok.vocab_size == reference.get_piece_size()
 
     # The preprocessing tool takes them too, and refuses the unsupported ones in one line.
-    corpus = write(str(tmp_path / "c.jsonl"), jsonl_bytes(documents(20)))
-    tool = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", corpus, "--tokenizer-model",
-            sp_model, "--output-prefix", str(tmp_path / "out"), "--quiet", "--tokenizer-type"]
-    ok = subprocess.run(tool + ["Llama2Tokenizer"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(tool + ["GPT2BPETokenizer"], capture_output=True, text=True)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
-    assert "GPT2BPETokenizer is not supported" in bad.stderr
+    sys.path.insert(0, REPO)
+    from tools import preprocess_data
+
+    flags = ["--input", "c.jsonl", "--tokenizer-model", sp_model, "--output-prefix", "out", "--tokenizer-type"]
+    assert preprocess_data.parse_args(flags + ["Llama2Tokenizer"]).tokenizer_type == "sentencepiece"
+    with pytest.raises(SystemExit) as exit_info:
+        preprocess_data.parse_args(flags + ["GPT2BPETokenizer"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "GPT2BPETokenizer is not supported" in err[0]
 
 
 def test_hf_exporter_takes_megatron_lm_tokenizer_names():
