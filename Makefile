@@ -28,7 +28,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/loss_bench.py
 
-# Wheels a lent GPU (Python 3.12, torch, no megatron-core) needs for benchmarks/gpu_session.sh.
+# megatron-core and zstandard wheels for Python 3.12 into $(WHEEL_DIR): benchmarks/gpu_smoke.sh installs
+# them from there, for a GPU machine that has torch but no network access.
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

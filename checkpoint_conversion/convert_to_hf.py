@@ -37,12 +37,16 @@ class ConversionError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_mile.cli import ArgumentParser
+    from megatron_mile.data.tokenizer import TOKENIZER_TYPE_HELP, tokenizer_type_argument
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="the run's --save directory, or one iter_NNNNNNN directory")
     p.add_argument("--iteration", type=int, help="default: latest_checkpointed_iteration.txt")
     p.add_argument("--output", required=True, help="Hugging Face model directory to create")
     p.add_argument("--tokenizer-model", help="default: the run's --tokenizer-model (SentencePiece file or HF dir)")
-    p.add_argument("--tokenizer-type", choices=["sentencepiece", "huggingface"])
+    p.add_argument("--tokenizer-type", type=tokenizer_type_argument,
+                   help=TOKENIZER_TYPE_HELP.replace("(default: inferred", "(default: the run's, or inferred"))
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES,
                    help="auto: bfloat16 for --bf16 runs, else float32")
     p.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_SIZE_GB, help="safetensors shard size")
@@ -90,7 +94,8 @@ def load_full_state(path: str):
 
     from megatron_mile import runtime
     from megatron_mile.arguments import model_shape
-    from megatron_mile.model import build_model_chunks, build_transformer_config, padded_vocab_size
+    from megatron_mile.checkpointing import saved_vocab_rows
+    from megatron_mile.model import build_model_chunks, build_transformer_config
 
     # A world of one on a free port, so a training job on the same node is left alone.
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -104,10 +109,12 @@ def load_full_state(path: str):
         raise ConversionError(f"{path}: not a megatron-mile checkpoint (no args/vocab_size/layout)")
     run_args, vocab_size = common["args"], common["vocab_size"]
     shape = model_shape(argparse.Namespace(**run_args))
-    # The saved embedding holds the vocab padded for the saved TP; rebuild with that row count.
-    saved_rows = padded_vocab_size(vocab_size, common["layout"]["tp"])
+    # The saved embedding holds the vocabulary padded as the run padded it (its TP and
+    # --make-vocab-size-divisible-by); rebuild with exactly that many rows.
+    saved_rows = saved_vocab_rows(path)
     config = build_transformer_config(shape)
-    model = build_model_chunks(config, saved_rows, shape.seq_length, seed=0, device=torch.device("cpu"))[0]
+    model = build_model_chunks(config, saved_rows, shape.seq_length, seed=0, device=torch.device("cpu"),
+                               vocab_divisible_by=1)[0]
     try:
         loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path,
                                          strict=StrictHandling.RAISE_UNEXPECTED)

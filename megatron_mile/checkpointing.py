@@ -42,7 +42,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from megatron_mile.optim import fused_adam_available
+from megatron_mile.optim import component_optimizers, fused_adam_available
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ def latest_iteration(root: str) -> int | None:
     if not text.isdigit():
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
     return int(text)
+
+
+def saved_vocab_rows(path: str) -> int:
+    """The embedding rows stored in the checkpoint at ``path``: the vocabulary with the run's padding."""
+    return dist_checkpointing.load_tensors_metadata(path)["embedding.word_embeddings.weight"].global_shape[0]
 
 
 def _layout() -> dict[str, int]:
@@ -103,12 +108,8 @@ def _restore_rng(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _optimizers(optimizer: MegatronOptimizer) -> list[MegatronOptimizer]:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def optimizer_format(optimizer: MegatronOptimizer, fully_reshardable: bool) -> str:
-    if any(isinstance(opt, DistributedOptimizer) for opt in _optimizers(optimizer)):
+    if any(isinstance(opt, DistributedOptimizer) for opt in component_optimizers(optimizer)):
         return "fully_reshardable" if fully_reshardable else "dp_reshardable"
     return "plain"
 
@@ -134,7 +135,7 @@ def _is_distributed_torch_adam(optimizer: MegatronOptimizer) -> bool:
 
 
 def _materialize_adam_state(optimizer: MegatronOptimizer) -> None:
-    for opt in _optimizers(optimizer):
+    for opt in component_optimizers(optimizer):
         if _is_distributed_torch_adam(opt) and not opt.optimizer.state:
             # megatron's own initialiser: one zero-grad step at the scheduler's lr, which
             # the load then overwrites.
@@ -142,7 +143,7 @@ def _materialize_adam_state(optimizer: MegatronOptimizer) -> None:
 
 
 def _restore_adam_steps(optimizer: MegatronOptimizer, loaded: dict[str, Any]) -> None:
-    opts = _optimizers(optimizer)
+    opts = component_optimizers(optimizer)
     states = [loaded] if len(opts) == 1 else [loaded[i] for i in range(len(opts))]
     for opt, state in zip(opts, states):
         if not _is_distributed_torch_adam(opt):

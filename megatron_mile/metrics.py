@@ -13,14 +13,16 @@ the GPU's dense bf16 peak.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from megatron_mile.arguments import ConfigError
 from megatron_mile.model import ModelShape
 
 # Dense bf16 tensor-core peaks, FLOP/s.
@@ -56,6 +58,15 @@ def format_tokens(tokens: float) -> str:
     return str(int(tokens))
 
 
+@contextlib.contextmanager
+def _output(flag: str, path: str) -> Iterator[None]:
+    """An output path that cannot be written is a configuration error, named by its flag."""
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
+
+
 class MetricsLogger:
     """Writes on the logging rank only; every other rank gets a logger that does nothing.
 
@@ -71,12 +82,14 @@ class MetricsLogger:
         if not enabled:
             return
         if metrics_file:
-            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
-            self._jsonl = open(metrics_file, "a", buffering=1)
+            with _output("--metrics-file", metrics_file):
+                os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+                self._jsonl = open(metrics_file, "a", buffering=1)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=tensorboard_dir)
+            with _output("--tensorboard-dir", tensorboard_dir):
+                self._tb = SummaryWriter(log_dir=tensorboard_dir)
         if wandb_project:
             import wandb
 

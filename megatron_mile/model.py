@@ -27,7 +27,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 INIT_STD = 0.01
-VOCAB_PAD_MULTIPLE = 128
+NORM_EPSILON = 1e-5
+VOCAB_PAD_MULTIPLE = 128  # --make-vocab-size-divisible-by's default (Megatron-LM's)
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,11 @@ def resolve_shape(preset: str, **overrides: int | None) -> ModelShape:
     return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
-    """megatron pads the embedding rows to a multiple of 128 × TP so every shard is aligned."""
-    multiple = VOCAB_PAD_MULTIPLE * tensor_model_parallel_size
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = VOCAB_PAD_MULTIPLE,
+                      ) -> int:
+    """The embedding rows: the vocabulary padded to a multiple of ``divisible_by`` × TP
+    (``--make-vocab-size-divisible-by``, as Megatron-LM), so every TP shard is aligned."""
+    multiple = divisible_by * tensor_model_parallel_size
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
@@ -88,7 +91,7 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         num_attention_heads=shape.num_attention_heads,
         ffn_hidden_size=shape.ffn_hidden_size,
         normalization="RMSNorm",
-        layernorm_epsilon=1e-5,
+        layernorm_epsilon=NORM_EPSILON,
         add_bias_linear=False,
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -154,8 +157,9 @@ def block_spec(config: TransformerConfig, vp_stage: int | None):
 
 
 def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: int, seed: int,
-                       device: torch.device) -> list[GPTModel]:
-    """This rank's GPTModel chunks (one, or one per virtual stage with interleaving)."""
+                       device: torch.device, vocab_divisible_by: int = VOCAB_PAD_MULTIPLE) -> list[GPTModel]:
+    """This rank's GPTModel chunks (one, or one per virtual stage with interleaving), with the
+    vocabulary padded as ``padded_vocab_size`` says."""
     tp = config.tensor_model_parallel_size
     vp = config.virtual_pipeline_model_parallel_size
     chunks = []
@@ -164,7 +168,7 @@ def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: i
         model = GPTModel(
             config=config,
             transformer_layer_spec=block_spec(config, stage),
-            vocab_size=padded_vocab_size(vocab_size, tp),
+            vocab_size=padded_vocab_size(vocab_size, tp, vocab_divisible_by),
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=stage),

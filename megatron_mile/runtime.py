@@ -38,6 +38,7 @@ parallelism) runs on gloo; only Transformer Engine and the fused kernels stay CU
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -250,6 +251,32 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
         dp=world_size // model_parallel,
         vp=virtual_pipeline_model_parallel_size,
     )
+
+
+def claim_failure(message: str | None = None) -> bool:
+    """Record that this rank failed, and say whether it should report the failure.
+
+    With ``message`` (a one-line error): True for the first rank to fail with that message,
+    so ranks that fail alike print it once and a failure on one pipeline stage is still
+    printed by that stage. Without one (an unexpected exception): True unless another rank
+    failed first, in which case this one is almost surely its consequence (a peer that left
+    mid-collective) and that rank's report explains the run.
+
+    Counted in the process group's key-value store, not with a collective: the other ranks
+    may be blocked elsewhere. Before a process group exists, rank 0 reports a message (every
+    rank checks the same command line); if the store cannot be reached, this rank reports,
+    since a duplicate line beats a silent failure.
+    """
+    if not dist.is_initialized():
+        return message is None or os.environ.get("RANK", "0") == "0"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        first_failure = store.add("megatron_mile/failed", 1) == 1
+        if message is None:
+            return first_failure
+        return store.add("megatron_mile/error/" + hashlib.sha256(message.encode()).hexdigest(), 1) == 1
+    except RuntimeError:
+        return True
 
 
 def shutdown() -> None:

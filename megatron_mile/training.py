@@ -25,9 +25,10 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mile import checkpointing, metrics, optim, runtime
-from megatron_mile.arguments import model_shape
+from megatron_mile.arguments import model_shape, virtual_pipeline_stages
 from megatron_mile.checkpointing import TrainingState
 from megatron_mile.data import build_pretraining_datasets, build_tokenizer, load_blend
+from megatron_mile.data.errors import DataError
 from megatron_mile.loss import weighted_lm_loss
 from megatron_mile.model import build_model_chunks, build_transformer_config, count_parameters, padded_vocab_size
 
@@ -41,9 +42,13 @@ class TrainingAborted(RuntimeError):
 # ------------------------------------------------------------------------- batches
 
 
-def micro_batches(dataset, first_sample: int, global_batch_size: int, micro_batch_size: int,
+def micro_batches(dataset, first_sample: int, global_batch_size: int, micro_batch_size: int, vocab_size: int,
                   ) -> list[dict[str, torch.Tensor]]:
-    """This data-parallel rank's micro-batches of the global batch starting at ``first_sample``."""
+    """This data-parallel rank's micro-batches of the global batch starting at ``first_sample``.
+
+    Token ids must be below ``vocab_size``: data preprocessed with another tokenizer is
+    refused here, on every rank, before the model sees it.
+    """
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     per_rank = global_batch_size // dp_size
@@ -51,8 +56,13 @@ def micro_batches(dataset, first_sample: int, global_batch_size: int, micro_batc
     batches = []
     for offset in range(0, per_rank, micro_batch_size):
         samples = [dataset[(start + offset + i) % len(dataset)] for i in range(micro_batch_size)]
-        batches.append({key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                        for key in ("tokens", "labels", "loss_mask", "position_ids")})
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        top = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
+        if top >= vocab_size:
+            raise DataError(f"--data-path holds token id {top}, but --tokenizer-model has {vocab_size} tokens: "
+                            "the data was preprocessed with another tokenizer")
+        batches.append(batch)
     return batches
 
 
@@ -70,7 +80,8 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.rt = runtime.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                     self._virtual_stages(), args.seed)
+                                     virtual_pipeline_stages(args), args.seed,
+                                     timeout_minutes=args.distributed_timeout_minutes)
         self.shape = model_shape(args)
         self.tokenizer = build_tokenizer(args.tokenizer_model, args.tokenizer_type)
         self.vocab_size = self.tokenizer.vocab_size
@@ -80,12 +91,8 @@ class Trainer:
             self.shape, tp=self.rt.tp, pp=self.rt.pp, vp=self.rt.vp, sequence_parallel=args.sequence_parallel,
             bf16=args.bf16, recompute_activations=args.recompute_activations)
         self.chunks = build_model_chunks(self.config, self.vocab_size, self.shape.seq_length, args.seed,
-                                         self.rt.device)
-        self.settings = optim.OptimSettings(
-            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-            lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
-            lr_decay_style=args.lr_decay_style, use_distributed_optimizer=args.use_distributed_optimizer)
+                                         self.rt.device, vocab_divisible_by=args.make_vocab_size_divisible_by)
+        self.settings = optim.OptimSettings.from_args(args)
         self.model = optim.wrap_data_parallel(self.config, self.chunks, self.settings)
         self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
         self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)
@@ -105,13 +112,6 @@ class Trainer:
         tokens_per_iter = args.global_batch_size * self.shape.seq_length
         self.throughput = metrics.Throughput(tokens_per_iter, metrics.flops_per_token(self.shape, self.vocab_size),
                                              self.rt.world_size, args.train_iters)
-
-    def _virtual_stages(self) -> int | None:
-        per_stage = self.args.num_layers_per_virtual_pipeline_stage
-        if per_stage is None:
-            return None
-        stages = model_shape(self.args).num_layers // (self.args.pipeline_model_parallel_size * per_stage)
-        return stages if stages > 1 else None  # one chunk per stage is plain 1F1B
 
     def _build_data(self) -> None:
         args = self.args
@@ -167,34 +167,23 @@ class Trainer:
             values /= parallel_state.get_data_parallel_world_size()
         return dict(zip(STAT_KEYS, values.tolist()))
 
-    def _grads_finite(self, stats: dict[str, float]) -> bool:
-        """One MIN all-reduce over the world: finite loss on the last stage and finite grads everywhere."""
-        loss_finite = all(math.isfinite(stats[k]) for k in STAT_KEYS) or not parallel_state.is_pipeline_last_stage()
-        flag = torch.tensor([float(loss_finite)], device=self.rt.device)
-        for ddp in self.model:
-            for buffer in ddp.buffers:
-                # Stays on the device: one host sync for the whole check, in the all-reduce.
-                flag.mul_(torch.isfinite(buffer.grad_data).all())
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
     def train_step(self) -> tuple[dict[str, float], float | None]:
         """One global batch. Returns the stats and the grad norm (None when the step was skipped)."""
         for ddp in self.model:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         batches = micro_batches(self.train_data, self.state.consumed_samples, self.args.global_batch_size,
-                                self.args.micro_batch_size)
+                                self.args.micro_batch_size, self.vocab_size)
         stats = self._run_schedule(batches, forward_only=False)
         self.state.consumed_samples += self.args.global_batch_size
         self.state.iteration += 1
-        if not self._grads_finite(stats):
-            return stats, None
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok or grad_norm is None or not math.isfinite(grad_norm):
-            return stats, None
-        self.scheduler.step(increment=1)
-        return stats, float(grad_norm)
+        # Only the last stage has the loss; the other stages' stats are placeholders.
+        loss_is_finite = (not parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                          or all(map(math.isfinite, stats.values())))
+        grad_norm = optim.step_if_finite(self.optimizer, loss_is_finite, self.rt.device)
+        if grad_norm is not None:
+            self.scheduler.step(increment=1)
+        return stats, grad_norm
 
     # --------------------------------------------------------------------- evaluation
 
@@ -205,8 +194,8 @@ class Trainer:
         totals = dict.fromkeys(STAT_KEYS, 0.0)
         gbs = self.args.global_batch_size
         for i in range(self.args.eval_iters):
-            stats = self._run_schedule(micro_batches(dataset, i * gbs, gbs, self.args.micro_batch_size),
-                                       forward_only=True)
+            stats = self._run_schedule(micro_batches(dataset, i * gbs, gbs, self.args.micro_batch_size,
+                                                     self.vocab_size), forward_only=True)
             for k in STAT_KEYS:
                 totals[k] += stats[k] / self.args.eval_iters
         for ddp in self.model:
@@ -245,8 +234,9 @@ class Trainer:
     def train(self) -> None:
         args = self.args
         params = count_parameters(self.shape, self.vocab_size)
+        padded = padded_vocab_size(self.vocab_size, self.rt.tp, args.make_vocab_size_divisible_by)
         self._log(f"training {params / 1e6:.1f}M parameters {self.shape} | vocab {self.vocab_size} (padded "
-                  f"{padded_vocab_size(self.vocab_size, self.rt.tp)}) | TP {self.rt.tp} PP {self.rt.pp} "
+                  f"{padded}) | TP {self.rt.tp} PP {self.rt.pp} "
                   f"DP {self.rt.dp} VP {self.rt.vp} | micro-batches {self.num_microbatches} | loss {args.loss}")
         skipped_in_a_row = 0
         window: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
@@ -283,7 +273,6 @@ class Trainer:
                 break
         if args.save and (not args.save_interval or self.state.iteration % args.save_interval):
             self.save()
-        self.logger.close()
 
     def _log_window(self, window: dict[str, float], steps: int, grad_norm: float, skipped: int) -> None:
         values: dict[str, Any] = {"iteration": self.state.iteration,
@@ -296,8 +285,9 @@ class Trainer:
 
 
 def pretrain(args: argparse.Namespace) -> None:
+    """Build and train; the caller shuts the process group down (``runtime.shutdown``)."""
     trainer = Trainer(args)
     try:
         trainer.train()
     finally:
-        runtime.shutdown()
+        trainer.logger.close()

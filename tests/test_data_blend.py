@@ -107,9 +107,9 @@ def test_blend_errors_are_one_clear_line(corpus, tmp_path):
     assert idx.IndexedDataset.exists(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="is empty"):
         load_blend([str(tmp_path / "empty")])
-    pile = os.path.join(REPO, "configs", "pile_sampling_rates.json")
-    with pytest.raises(ValueError, match=r"weights name domain\(s\) with no data in .*: BookCorpus2, Books3"):
-        make_blend(manifest, pile)
+    with pytest.raises(ValueError, match=r"pile_sampling_rates.json: weights name domain\(s\) with no data in "
+                                         r".*: BookCorpus2, Books3"):
+        make_blend(manifest, "pile")
 
 
 def test_unweighted_domain_gets_mean_weight(corpus, tmp_path, caplog):
@@ -121,7 +121,7 @@ def test_unweighted_domain_gets_mean_weight(corpus, tmp_path, caplog):
 
 
 def test_pile_sampling_rates_config():
-    with open(os.path.join(REPO, "configs", "pile_sampling_rates.json")) as f:
+    with open(os.path.join(REPO, "megatron_mile", "configs", "pile_sampling_rates.json")) as f:
         rates = json.load(f)
     assert len(rates["train_domain_weights"]) == 22 == len(rates["eval_domain_weights"])
     assert rates["train_domain_weights"]["PubMed Central"] == pytest.approx(0.2823030650615692)
@@ -156,7 +156,7 @@ def test_make_blend_cli(corpus, tmp_path):
         assert json.load(f)["train"]["prefixes"] == [os.path.relpath(
             os.path.join(os.path.dirname(manifest), p), tmp_path) for p in
             ["pile_ArXiv_text_document", "pile_Gutenberg_PG-19_text_document"]]
-    bad = subprocess.run(tool + ["--weights", os.path.join(REPO, "configs", "pile_sampling_rates.json"),
-                                 "--output", str(tmp_path / "c.json")], capture_output=True, text=True)
+    bad = subprocess.run(tool + ["--weights", "pile", "--output", str(tmp_path / "c.json")], capture_output=True,
+                         text=True)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
     assert bad.stderr.startswith("error: ") and not os.path.exists(tmp_path / "c.json")

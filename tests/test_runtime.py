@@ -35,8 +35,12 @@ def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, 
     rt = runtime.initialize(tp, pp, seed=7)
     cfg = mm.build_transformer_config(mm.PRESETS["tiny"], tp=tp, pp=pp)
     chunks = mm.build_model_chunks(cfg, VOCAB, SEQ, seed=7, device=rt.device)
-    settings = optim.OptimSettings(lr=1e-2, clip_grad=0.05, lr_warmup_iters=0,
-                                   use_distributed_optimizer=distributed_optimizer)
+    from megatron_mile.arguments import parse_args
+
+    flags = ["--lr", "1e-2", "--clip-grad", "0.05", "--lr-warmup-iters", "0", "--train-iters", "1",
+             "--data-path", "unused", "--tokenizer-model", "unused"]
+    settings = optim.OptimSettings.from_args(
+        parse_args(flags + ([] if distributed_optimizer else ["--no-distributed-optimizer"])))
     model = optim.wrap_data_parallel(cfg, chunks, settings)
     optimizer = optim.build_optimizer(model, settings, bf16=False)
     dp_rank = parallel_state.get_data_parallel_rank()
