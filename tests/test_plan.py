@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from dist_utils import run_ranks
+from training_utils import optim_settings
 from megatron_mile.model import PRESETS, ModelShape
 from megatron_mile.planning import Layout, ModelSpec
 from megatron_mile.planning.activations import PAPER_GPT, in_flight_chunk_forwards, layer_activation_terms
@@ -55,7 +56,7 @@ def _allocated(cases) -> list[dict]:
         if groups:
             config = dataclasses.replace(config, num_query_groups=groups)
         chunks = mm.build_model_chunks(config, VOCAB, shape.seq_length, 3, rt.device)
-        settings = optim.OptimSettings(use_distributed_optimizer=distributed)
+        settings = optim_settings(*([] if distributed else ["--no-distributed-optimizer"]))
         if bucket_size is None:
             model = optim.wrap_data_parallel(config, chunks, settings)
         else:  # stock megatron-core DDP with a small bucket size

@@ -67,3 +67,12 @@ def read_records(save: str, kind: str) -> list[dict]:
 
 def losses(records: list[dict], key: str = "loss") -> np.ndarray:
     return np.array([r[key] for r in records])
+
+
+def optim_settings(*flags: str):
+    """The trainer's optimizer settings for these flags, every other flag at its default."""
+    from megatron_mile import optim
+    from megatron_mile.arguments import parse_args
+
+    return optim.OptimSettings.from_args(
+        parse_args(["--train-iters", "1", "--data-path", "unused", "--tokenizer-model", "unused", *flags]))
