@@ -23,12 +23,12 @@ On CUDA the clock stops after ``torch.cuda.synchronize()``, and the peak extra m
 divided by the bytes of the logits (the caching allocator's view: live tensors only); one process
 measures both.
 
-CPU memory: each case runs in a fresh process group started with ``MALLOC_MMAP_THRESHOLD_=65536``,
-so every buffer above 64 KiB is its own mmap and goes back to the OS when freed. After a warm-up
-call, ``/proc/self/clear_refs`` (``5``) resets the high-water mark and the peak extra memory is
-``VmHWM - VmRSS`` across one forward+backward, i.e. pages really touched, divided by the bytes of
-this rank's logits (the maximum over ranks). This needs Linux; it counts every allocation, not
-only torch tensors, and rounds to pages.
+CPU memory: the cases run one after the other in a second process group, started with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that every buffer above 64 KiB is its own mmap and goes back to
+the OS when freed. For each case, after a warm-up call, ``/proc/self/clear_refs`` (``5``) resets the
+high-water mark and the peak extra memory is ``VmHWM - VmRSS`` across one forward+backward, i.e.
+pages really touched, divided by the bytes of this rank's logits (the maximum over ranks). This
+needs Linux; it counts every allocation, not only torch tensors, and rounds to pages.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def _cuda_peak_extra(harness: LogitsHarness, fns: dict) -> dict[str, float]:
 
 def _worker(rank: int, tp: int, store: str, mode: str, cases: list[str], args: argparse.Namespace,
             results) -> None:
-    """One rank: ``mode`` "time" or "memory" (CPU: one case per process group), or, on CUDA, both."""
+    """One rank: ``mode`` "time", "memory" or (on CUDA, where memory needs no special process) "both"."""
     torch.set_num_threads(1)
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=tp)
@@ -177,7 +177,8 @@ def _worker(rank: int, tp: int, store: str, mode: str, cases: list[str], args: a
     if mode in ("time", "both"):
         out["time"] = _time_cases(harness, fns, args.repeats, cuda)
     if mode in ("memory", "both"):
-        out["memory"] = _cuda_peak_extra(harness, fns) if cuda else {cases[0]: peak_extra_rss(harness, fns[cases[0]])}
+        out["memory"] = (_cuda_peak_extra(harness, fns) if cuda
+                         else {case: peak_extra_rss(harness, fn) for case, fn in fns.items()})
     results.put((rank, out))
     dist.destroy_process_group()
 
@@ -257,12 +258,13 @@ def main() -> None:
     try:
         for tp in args.tp:
             cases = [c for c in CASES if tp == 1 or c != "original_mile"]
-            if args.device == "cuda":  # the caching allocator's statistics need no fresh process per case
+            if args.device == "cuda":  # the caching allocator's statistics need no process of their own
                 out = spawn(tp, "both", cases, args)[0]
                 times, memory = out["time"], out["memory"]
-            else:
+            else:  # separate process groups: the memory one runs with MALLOC_MMAP_THRESHOLD_
                 times = spawn(tp, "time", cases, args)[0]["time"]
-                memory = {case: max(r["memory"][case] for r in spawn(tp, "memory", [case], args)) for case in cases}
+                ranks = spawn(tp, "memory", cases, args)
+                memory = {case: max(r["memory"][case] for r in ranks) for case in cases}
             table[tp] = {case: (times[case], memory[case]) for case in cases}
     except WorkerFailed as exc:
         sys.exit(f"loss_bench: {exc}")
