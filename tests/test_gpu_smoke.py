@@ -150,7 +150,7 @@ def test_a_step_over_its_limit_is_stopped_with_every_process_it_started(tmp_path
                           timeout=60)
     assert proc.stdout.strip().splitlines()[-1] == "exit 124", proc.stdout + proc.stderr
     assert time.monotonic() - start < 30
-    escaped = int((tmp_path / "escaped.pid").read_text())  # in a session of its own, like torchrun's workers
+    escaped = int((tmp_path / "escaped.pid").read_text())  # started with setsid, as torchrun starts its workers
     time.sleep(0.5)
     assert not _alive(escaped)
 
