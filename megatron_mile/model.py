@@ -13,8 +13,10 @@ which is what lets runs at different layouts be compared step for step.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import re
+import time
 import zlib
 from dataclasses import dataclass, replace
 
@@ -29,6 +31,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 INIT_STD = 0.01
 NORM_EPSILON = 1e-5
 VOCAB_PAD_MULTIPLE = 128  # --make-vocab-size-divisible-by's default (Megatron-LM's)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,31 @@ def fused_softmax_kernels_available() -> bool:
                for name in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
 
 
+def fused_swiglu_compiles(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether megatron-core's fused SwiGLU (``bias_activation_fusion``) compiles and runs here.
+
+    megatron-core builds it with ``torch.compile`` (Inductor, with Triton kernels on CUDA), which
+    compiles at the first call. Running it once, forward and backward, on a small tensor moves that
+    compilation before training (out of the first timed step) and turns a compiler failure into
+    the unfused activation and one warning, instead of a crash at the first step. Logs which path
+    is used.
+    """
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    start = time.perf_counter()
+    try:
+        x = torch.randn(16, 256, device=device, dtype=dtype, requires_grad=True)
+        bias_swiglu_impl(x, None).sum().backward()
+    except Exception as exc:  # Dynamo, Inductor and Triton raise many types; any of them means: don't fuse
+        exc = getattr(exc, "inner_exception", None) or exc  # Dynamo wraps the compiler's own error
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.warning("SwiGLU: unfused (torch.compile failed: %s: %s)", type(exc).__name__, reason)
+        return False
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        log.info("SwiGLU: fused with torch.compile (compiled and ran in %.1f s)", time.perf_counter() - start)
+    return True
+
+
 def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp: int | None = None,
                              sequence_parallel: bool = False, bf16: bool = False,
                              recompute_activations: bool = False) -> TransformerConfig:
@@ -114,7 +143,7 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         autocast_dtype=dtype,
         # Fused kernels exist only on CUDA; the softmax one is a compiled extension (apex or
         # Megatron-LM's kernels) that megatron-core imports only when a bf16 shape qualifies.
-        bias_activation_fusion=on_gpu,
+        bias_activation_fusion=on_gpu and fused_swiglu_compiles(torch.device("cuda"), dtype),
         masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,

@@ -203,7 +203,7 @@ class Trainer:
         return totals
 
     def evaluate(self) -> None:
-        """Log-ppl (mean CE) on the blended validation set and on every domain's."""
+        """Log-ppl (mean NLL, never label-smoothed) on the blended validation set and every domain's."""
         record: dict[str, Any] = {"iteration": self.state.iteration,
                                   "consumed_tokens": self.state.consumed_samples * self.shape.seq_length}
         if self.valid_data is not None:

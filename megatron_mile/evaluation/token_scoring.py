@@ -108,7 +108,8 @@ class RunScorer:
 
         labels = batch["labels"].to(self.device)
         # The logits are not read again: let the CE reuse their buffer.
-        ce, entropy, _ = vocab_parallel_ce_and_entropy(logits, labels, vocab_size=self.vocab_size, inplace=True)
+        terms = vocab_parallel_ce_and_entropy(logits, labels, vocab_size=self.vocab_size, inplace=True)
+        ce, entropy = terms.nll, terms.entropy
         progress.add(labels.numel())
         sums = bucket_sums(ce, entropy, bucket_of[labels], batch["loss_mask"].to(self.device))
         return ce.new_zeros(()), {"sums": sums}
