@@ -76,6 +76,16 @@ def fused_softmax_kernels_available() -> bool:
                for name in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
 
 
+def optional_kernels(config: TransformerConfig) -> dict[str, str]:
+    """The optional fused kernels this model uses, or what stands in for them (the trainer logs it)."""
+    te = transformer_engine_available()
+    return {
+        "layers": "Transformer Engine" if te else "megatron-core local (no Transformer Engine)",
+        "attention": "Transformer Engine DotProductAttention" if te else "megatron-core DotProductAttention",
+        "softmax": "fused" if config.masked_softmax_fusion else "torch (no fused kernels)",
+    }
+
+
 def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp: int | None = None,
                              sequence_parallel: bool = False, bf16: bool = False,
                              recompute_activations: bool = False) -> TransformerConfig:

@@ -1,25 +1,47 @@
 """Entry point: ``torchrun ... -m megatron_mile.train --data-path ... --tokenizer-model ... --train-iters N``.
 
-Configuration errors are checked before any process group exists and end the run with
-one line on stderr and exit code 2.
+Configuration errors (the flags at this world size, the data, ``--save``/``--load``) are
+checked before any process group exists and end the run with one line on stderr and exit
+code 2; ``--check-config`` stops after those checks. Ctrl-C ends it with one line and exit
+code 130 (see ``megatron_mile.interrupts``).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 
+if __name__ == "__mp_main__":
+    # A helper process that multiprocessing spawned (the checkpoint writer's manager) runs this
+    # module as its main. Ctrl-C is for the trainer, which stops its helpers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 # megatron-core warns at import about optional CUDA extensions that a CPU run does not use,
 # so the filter goes in before the first import of it; the environment variable carries it
-# into the checkpoint writer's processes.
+# into the checkpoint writer's processes. The kernels a run does use are stated once at INFO.
 _QUIET = ("Transformer Engine and Apex are not installed", "Apex is not installed")
 for _message in _QUIET:
     warnings.filterwarnings("ignore", message=_message)
+# Warnings that megatron-core 0.16.1's own calls raise on every run, about megatron-core rather
+# than the run: (message, the module that warns).
+_KNOWN_NOISE = (
+    ("full scope is deprecated", r"megatron\.core\.transformer\.transformer_config"),
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor", r"megatron\.core\.optimizer"),
+    ("c10d::allreduce_: an autograd kernel was not registered", r"megatron\.core\."),
+    (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+     r"torch\.distributed\.c10d_logger"),
+)
+for _message, _module in _KNOWN_NOISE:
+    warnings.filterwarnings("ignore", message=_message, module=_module)
 
+from megatron_mile import interrupts, run_dir  # noqa: E402
 from megatron_mile.arguments import ConfigError, parse_args, validate  # noqa: E402
-from megatron_mile.checkpointing import CheckpointError  # noqa: E402
+from megatron_mile.checkpointing import CheckpointError, StartPlan  # noqa: E402
+from megatron_mile.data import load_blend  # noqa: E402
 
 
 def _fail(message: str) -> None:
@@ -29,15 +51,39 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def preflight(args: argparse.Namespace, world_size: int) -> StartPlan:
+    """Every check that needs no process group: the flags at ``world_size``, --save/--load, the data.
+
+    A failure prints one line and exits 2.
+    """
+    try:
+        validate(args, world_size=world_size)
+        plan = run_dir.plan_start(args)
+        load_blend(args.data_path)
+    except (ConfigError, CheckpointError, ValueError) as err:
+        _fail(str(err))
+    return plan
+
+
+def _describe(plan: StartPlan) -> str:
+    if plan.load:
+        return f"resuming {plan.load} at iteration {plan.iteration}"
+    return plan.notice or "starting from iteration 0"
+
+
+@interrupts.exit_quietly_on_interrupt("megatron-mile-train")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        validate(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as err:
-        _fail(str(err))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = preflight(args, world_size)
+    if args.check_config:
+        print(f"megatron-mile-train: configuration OK at world size {world_size}; {_describe(plan)}")
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # Our own decisions (CPU layer, resharded RNG) are worth a line; megatron's chatter is not.
-    logging.getLogger("megatron_mile").setLevel(logging.INFO)
+    # Our own decisions (CPU layer, kernels, resharded RNG) are worth a line, once; megatron's
+    # chatter is not.
+    logging.getLogger("megatron_mile").setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else
+                                                logging.WARNING)
     os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore:{m}" for m in _QUIET))
 
     from megatron_mile.training import TrainingAborted, pretrain

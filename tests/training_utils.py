@@ -37,8 +37,10 @@ def build_demo_data(root) -> dict[str, str]:
     return {"blend": blend, "tokenizer": tokenizer, "prefix": prefix}
 
 
-def train_command(demo: dict[str, str], nproc: int, save: str, *extra: str, iters: int = ITERS) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+def train_command(demo: dict[str, str], nproc: int, save: str, *extra: str, iters: int = ITERS,
+                  launcher: str = "torch.distributed.run") -> list[str]:
+    """torchrun (or ``launcher="megatron_mile.launch"``, which takes torchrun's arguments) with the trainer."""
+    return [sys.executable, "-m", launcher, "--standalone", f"--nproc-per-node={nproc}",
             "-m", "megatron_mile.train",
             "--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--train-iters", str(iters), "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
