@@ -18,6 +18,7 @@ It takes exactly torchrun's arguments and runs torchrun in this process. What it
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from torch.distributed import run as torchrun
@@ -27,14 +28,15 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 TRAINER = "megatron_mile.train"
 # Worker exit codes after which the trainer has printed its one line.
 REPORTED_EXITS = (2, 130)
-# torchrun's notices while it forwards a signal to the workers.
-_SHUTDOWN_NOTICES = ("death signal, shutting down workers", "closing signal")
 _AGENT_LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
+# torchrun's notices while it forwards a signal to the workers, and about a reported exit.
+_NOTICES = re.compile(r".*(death signal, shutting down workers|closing signal)|failed \(exitcode: (%s)\)"
+                      % "|".join(map(str, REPORTED_EXITS)))
 
 
-class _DropShutdownNotices(logging.Filter):
+class _DropNotices(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(notice in record.getMessage() for notice in _SHUTDOWN_NOTICES)
+        return not _NOTICES.match(record.getMessage())
 
 
 def world_size(args) -> int | None:
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
         preflight(parse_args(args.training_script_args), size)
     for name in _AGENT_LOGGERS:
-        logging.getLogger(name).addFilter(_DropShutdownNotices())
+        logging.getLogger(name).addFilter(_DropNotices())
     try:
         torchrun.main(argv)
     except SignalException as exc:

@@ -72,10 +72,11 @@ def plan_start(args: argparse.Namespace) -> StartPlan:
     return plan
 
 
-def remove_earlier_run(args: argparse.Namespace) -> str:
+def remove_earlier_run(args: argparse.Namespace) -> str | None:
     """``--overwrite``: delete the earlier run's checkpoints, metrics file and TensorBoard events.
 
-    Call on one rank only, before anything of the new run is written. Returns a one-line summary.
+    Call on one rank only, before anything of the new run is written. Returns a one-line
+    summary, or None when there was nothing to remove.
     """
     removed = remove_checkpoints(args.save) if args.save and os.path.isdir(args.save) else []
     path = metrics_file(args)
@@ -87,6 +88,6 @@ def remove_earlier_run(args: argparse.Namespace) -> str:
         os.remove(event_file)
     if events:
         removed.append(f"{len(events)} TensorBoard event file(s)")
-    where = args.save or "the metrics and TensorBoard paths"
-    return f"--overwrite: removed {', '.join(removed)} from {where}" if removed else \
-        f"--overwrite: nothing to remove in {where}"
+    if not removed:
+        return None
+    return f"--overwrite: removed {', '.join(removed)} from {args.save or 'the metrics and TensorBoard paths'}"

@@ -102,8 +102,9 @@ class Trainer:
         self.state = TrainingState()
         if self.start.overwrite:
             # Only now, with the configuration checked and the data and model built.
-            if self.rt.rank == 0:
-                print(run_dir.remove_earlier_run(args), flush=True)
+            removed = run_dir.remove_earlier_run(args) if self.rt.rank == 0 else None
+            if removed:
+                print(removed, flush=True)
             dist.barrier()
         if self.start.notice:
             self._log(self.start.notice)
