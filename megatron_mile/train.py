@@ -13,30 +13,11 @@ import logging
 import os
 import signal
 import sys
-import warnings
 
 if __name__ == "__mp_main__":
     # A helper process that multiprocessing spawned (the checkpoint writer's manager) runs this
     # module as its main. Ctrl-C is for the trainer, which stops its helpers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-# megatron-core warns at import about optional CUDA extensions that a CPU run does not use,
-# so the filter goes in before the first import of it; the environment variable carries it
-# into the checkpoint writer's processes. The kernels a run does use are stated once at INFO.
-_QUIET = ("Transformer Engine and Apex are not installed", "Apex is not installed")
-for _message in _QUIET:
-    warnings.filterwarnings("ignore", message=_message)
-# Warnings that megatron-core 0.16.1's own calls raise on every run, about megatron-core rather
-# than the run: (message, the module that warns).
-_KNOWN_NOISE = (
-    ("full scope is deprecated", r"megatron\.core\.transformer\.transformer_config"),
-    (r"The \.grad attribute of a Tensor that is not a leaf Tensor", r"megatron\.core\.optimizer"),
-    ("c10d::allreduce_: an autograd kernel was not registered", r"megatron\.core\."),
-    (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
-     r"torch\.distributed\.c10d_logger"),
-)
-for _message, _module in _KNOWN_NOISE:
-    warnings.filterwarnings("ignore", message=_message, module=_module)
 
 from megatron_mile import interrupts, run_dir  # noqa: E402
 from megatron_mile.arguments import ConfigError, parse_args, validate  # noqa: E402
@@ -84,7 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     # chatter is not.
     logging.getLogger("megatron_mile").setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else
                                                 logging.WARNING)
-    os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore:{m}" for m in _QUIET))
 
     from megatron_mile.training import TrainingAborted, pretrain
 

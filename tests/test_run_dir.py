@@ -134,6 +134,12 @@ def test_resume_in_place_drops_the_metrics_past_the_checkpoint(demo, tmp_path):
     assert [r["loss"] for r in records[:2]] == [first[1], first[2]]
     assert _scalars(os.path.join(run, "tensorboard"), "train/loss") == {r["iteration"]: pytest.approx(r["loss"])
                                                                          for r in records}
+    # Checkpoints, metrics and events are as readable as any file the umask lets through.
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {os.path.relpath(os.path.join(parent, name), run): os.stat(os.path.join(parent, name)).st_mode & 0o777
+             for parent, _, names in os.walk(run) for name in names}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_overwrite_removes_exactly_the_earlier_runs_outputs(demo, tmp_path):
