@@ -284,7 +284,7 @@ def resolve_start(args: argparse.Namespace) -> StartPlan:
     save, load = args.save, args.load
     load_is_save = bool(load and save and _same_directory(load, save))
     if args.overwrite and load_is_save:
-        raise CheckpointError(f"--overwrite would remove the checkpoints that --load {load} resumes; pass one of them")
+        raise CheckpointError(f"--overwrite would remove the checkpoints that --load {load} resumes; pass only one of them")
     iteration, notice = None, None
     if load:
         iteration = latest_iteration(load)
