@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from training_utils import train_command, train_env
+from training_utils import demo_data_dir, read_records, train_command, train_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,6 +24,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", os.path.join(REPO, "examples", script), *args], capture_output=True, text=True,
                           env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **env}, timeout=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _flags(command: list[str]) -> dict[str, str]:
@@ -128,3 +135,23 @@ def test_launch_leaves_a_workers_one_line_error_alone(demo, tmp_path):
     assert proc.returncode == 2
     assert errors == [f"megatron-mile-train: error: {run}/latest_checkpointed_iteration.txt names iteration 2 but "
                       f"{run}/iter_0000002 is missing"], proc.stderr
+
+
+def test_cpu_demo_checks_first_scales_its_warm_up_and_never_deletes_blindly(demo, tmp_path):
+    """A bad setting stops the demo before anything is touched; a short run (below the default
+    warm-up of 30) works; a rerun replaces the earlier run's outputs and nothing else."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": demo_data_dir(demo, tmp_path / "data"),
+           "RUN_DIR": str(run), "MASTER_PORT": str(_free_port())}
+    script = ["bash", os.path.join(REPO, "examples", "pretrain_tiny_cpu.sh")]
+    bad = subprocess.run(script, capture_output=True, text=True, env={**env, "TRAIN_ITERS": "3O"}, timeout=60)
+    assert bad.returncode == 2 and bad.stderr == "pretrain_tiny_cpu.sh: error: TRAIN_ITERS must be a positive " \
+                                                 "integer, got '3O'\n"
+    (run / "metrics.jsonl").write_text('{"type": "train", "iteration": 7}\n')  # an earlier run's
+    done = subprocess.run(script, capture_output=True, text=True, env={**env, "TRAIN_ITERS": "3"}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--overwrite: removed metrics.jsonl" in done.stdout
+    assert [r["iteration"] for r in read_records(str(run), "train")] == [3]
+    assert (run / "notes.txt").read_text() == "mine" and (run / "curves.png").is_file()

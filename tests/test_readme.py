@@ -28,12 +28,13 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 
 import pytest
+
+from training_utils import demo_data_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -129,11 +130,7 @@ def scratch(demo, tmp_path_factory) -> str:
     for name in os.listdir(REPO):
         if name not in OUTPUTS:
             os.symlink(os.path.join(REPO, name), root / name)
-    data = root / "data" / "demo"
-    shutil.copytree(os.path.dirname(demo["blend"]), data)
-    # The names examples/prepare_demo_data.sh gives its outputs, so that it finds them all made.
-    shutil.copy(demo["tokenizer"], data / "tokenizer.model")
-    shutil.copy(demo["prefix"] + "_text_manifest.json", data / "demo_text_manifest.json")
+    demo_data_dir(demo, root / "data" / "demo")
     # `python` and `torchrun` are this interpreter (a link would lose its virtual environment).
     bin_dir = root / ".readme-bin"
     bin_dir.mkdir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,6 +36,15 @@ def build_demo_data(root) -> dict[str, str]:
     subprocess.run([sys.executable, f"{REPO}/tools/make_blend.py", "--manifest", f"{prefix}_text_manifest.json",
                     "--weights", str(weights), "--output", blend], check=True)
     return {"blend": blend, "tokenizer": tokenizer, "prefix": prefix}
+
+
+def demo_data_dir(demo: dict[str, str], directory) -> str:
+    """A copy of the test data under the names examples/prepare_demo_data.sh gives its outputs,
+    so that the script finds every step done and the demo scripts run on it quickly."""
+    shutil.copytree(os.path.dirname(demo["blend"]), directory)
+    shutil.copy(demo["tokenizer"], os.path.join(directory, "tokenizer.model"))
+    shutil.copy(demo["prefix"] + "_text_manifest.json", os.path.join(directory, "demo_text_manifest.json"))
+    return str(directory)
 
 
 def train_command(demo: dict[str, str], nproc: int, save: str, *extra: str, iters: int = ITERS,
