@@ -143,13 +143,22 @@ def write_safetensors(tensors: dict, out_dir: str, max_shard_bytes: int) -> None
         shards[-1][name] = tensor
         size += nbytes
     metadata = {"format": "pt"}
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def save(shard: dict, filename: str) -> None:
+        save_file(shard, os.path.join(out_dir, filename), metadata=metadata)
+        # safetensors creates its files with mode 0600; give them the mode of any other file
+        # written here (the umask's), so that a group sharing the filesystem can read them.
+        os.chmod(os.path.join(out_dir, filename), 0o666 & ~umask)
+
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=metadata)
+        save(shards[0], "model.safetensors")
         return
     weight_map = {}
     for index, shard in enumerate(shards, start=1):
         filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, filename), metadata=metadata)
+        save(shard, filename)
         weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:

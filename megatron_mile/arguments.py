@@ -14,6 +14,7 @@ import os
 from megatron_mile import megatron_lm_flags
 from megatron_mile.cli import ArgumentParser, DefaultsHelpFormatter
 from megatron_mile.data.tokenizer import TOKENIZER_TYPE_HELP, tokenizer_type_argument
+from megatron_mile.interrupts import EXIT_SIGNALS
 from megatron_mile.model import PRESETS, VOCAB_PAD_MULTIPLE, ModelShape, resolve_shape
 from megatron_mile.optim import fused_adam_available
 
@@ -122,8 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="save distributed-optimizer state gathered per parameter, loadable at any TP/PP, "
                         "instead of per-rank shards that reload at the same TP/PP only")
+    g.add_argument("--load-optional", action="store_true",
+                   help="start from iteration 0 when --load holds no checkpoint (otherwise that is an error "
+                        "unless --load is the --save directory)")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="a --load without a checkpoint is an error, even when it is the --save directory")
+    g.add_argument("--overwrite", action="store_true",
+                   help="remove the checkpoints, metrics file and TensorBoard events an earlier run left in --save "
+                        "(and --metrics-file, --tensorboard-dir) before starting from scratch")
     g.add_argument("--exit-interval", type=int,
                    help="stop (and save) once the iteration is a multiple of this (default: never)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal, every rank finishes its iteration, saves a checkpoint and exits 0")
+    g.add_argument("--exit-signal", default="SIGTERM", choices=list(EXIT_SIGNALS),
+                   help="the signal --exit-signal-handler acts on")
+    g.add_argument("--exit-duration-in-mins", type=float,
+                   help="save and exit at the first iteration boundary this many minutes after the start "
+                        "(default: no limit)")
+    g.add_argument("--check-config", action="store_true",
+                   help="check the flags at the world size in $WORLD_SIZE (default 1), the data and --save/--load, "
+                        "print one line and exit: 0, or 2 with the error")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000,
@@ -175,7 +194,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     """Check every flag combination that would otherwise fail deep inside a run."""
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
               "global_batch_size", "train_iters", "log_interval", "eval_interval", "save_interval", "exit_interval",
-              "num_layers_per_virtual_pipeline_stage", "make_vocab_size_divisible_by", "distributed_timeout_minutes")
+              "num_layers_per_virtual_pipeline_stage", "make_vocab_size_divisible_by", "distributed_timeout_minutes",
+              "exit_duration_in_mins")
     shape = checked_model_shape(args)
     refusal = megatron_lm_flags.check(args.megatron_lm_flags, shape)
     if refusal:
@@ -228,8 +248,6 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if not os.path.exists(args.tokenizer_model):
         raise ConfigError(f"--tokenizer-model: {args.tokenizer_model} does not exist")
-    if args.load and not os.path.isdir(args.load):
-        raise ConfigError(f"--load: {args.load} is not a directory")
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save")
 

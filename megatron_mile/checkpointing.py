@@ -26,6 +26,8 @@ any moment leaves the pointer naming the previous complete checkpoint.
 
 from __future__ import annotations
 
+import argparse
+import glob
 import logging
 import os
 import random
@@ -265,3 +267,75 @@ def _check_optimizer_format(path: str, saved: str, this_run: str, saved_layout: 
         raise CheckpointError(f"checkpoint {path} holds dp_reshardable optimizer state saved at "
                               f"TP {saved_layout['tp']} PP {saved_layout['pp']}, which loads only at that TP/PP; "
                               "pass --no-load-optim, or save with --dist-ckpt-optim-fully-reshardable")
+
+
+# ------------------------------------------------------------------------- where a run starts
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """Where a run starts, decided before any process group exists (see ``resolve_start``)."""
+
+    resume: bool  # --load was given: the run continues the run saved there (possibly from iteration 0)
+    load: str | None  # the checkpoint root to load, None for fresh weights
+    iteration: int  # the iteration the run starts after: the checkpoint's, or 0
+    overwrite: bool  # --overwrite: an earlier run in --save is removed first
+    notice: str | None = None  # one line for the log
+
+
+def _same_directory(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def resolve_start(args: argparse.Namespace) -> StartPlan:
+    """Decide from ``--load``/``--save`` which checkpoint the run starts from; never a silent restart.
+
+    Reads the filesystem only, so every rank and ``--check-config`` can call it before any
+    process group exists. Raises ``CheckpointError`` (one line) when the flags would lose work.
+
+    * ``--load X`` with a checkpoint (a ``latest_checkpointed_iteration.txt``): resume the latest.
+    * ``--load X`` without one: start from iteration 0 with the notice "no checkpoint in X;
+      starting from iteration 0" when X is also ``--save`` (the cluster habit ``--save X --load X``
+      on its first run) or with ``--load-optional``; an error otherwise, since it is most likely
+      a wrong path. ``--exit-on-missing-checkpoint`` makes it an error in every case. (Megatron-LM
+      starts from scratch with a warning unless ``--exit-on-missing-checkpoint`` is given.)
+    * A ``--save`` directory that holds checkpoints must be the one resumed (``--load`` the same
+      directory), or be cleared with ``--overwrite``; otherwise its run would be overwritten step
+      by step and its pointer moved back.
+    """
+    save, load = args.save, args.load
+    load_is_save = bool(load and save and _same_directory(load, save))
+    if args.overwrite and load_is_save:
+        raise CheckpointError(f"--overwrite would remove the checkpoints that --load {load} resumes; pass only one of them")
+    iteration, notice = None, None
+    if load:
+        iteration = latest_iteration(load)
+        if iteration is None:
+            missing = f"no checkpoint in {load}"
+            if args.exit_on_missing_checkpoint:
+                raise CheckpointError(f"{missing} (--exit-on-missing-checkpoint)")
+            if not (load_is_save or args.load_optional):
+                raise CheckpointError(f"{missing}; check --load, or pass --load-optional to start from iteration 0")
+            notice = f"{missing}; starting from iteration 0"
+    if save and not load_is_save and not args.overwrite:
+        earlier = latest_iteration(save)
+        if earlier is not None:
+            raise CheckpointError(f"--save {save} already holds checkpoints (latest: iteration {earlier}); resume "
+                                  f"with --load {save}, or pass a new --save directory or --overwrite")
+    return StartPlan(resume=load is not None, load=load if iteration is not None else None, iteration=iteration or 0,
+                     overwrite=args.overwrite, notice=notice)
+
+
+def remove_checkpoints(root: str) -> list[str]:
+    """Delete every checkpoint under ``root`` (complete, staging, and the pointer); returns what went."""
+    removed = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(root), "iter_[0-9]*"))) + \
+            [os.path.join(root, POINTER), os.path.join(root, POINTER + ".tmp")]:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(os.path.basename(path))
+    return removed

@@ -67,14 +67,46 @@ def _output(flag: str, path: str) -> Iterator[None]:
         raise ConfigError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
 
 
+def truncate_records(path: str, last_iteration: int) -> int:
+    """Drop the records of ``path`` (metrics.jsonl) logged after ``last_iteration``; returns how many.
+
+    A run resumed from the checkpoint at ``last_iteration`` logs the later iterations again, so the
+    records the earlier run wrote for them (and a line cut short by a kill) must go. The file is
+    replaced atomically: a kill during the rewrite leaves the old one.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iteration", 0) <= last_iteration:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
+
+
 class MetricsLogger:
     """Writes on the logging rank only; every other rank gets a logger that does nothing.
 
-    metrics.jsonl is opened in append mode, so a resumed run continues the same file.
+    ``resumed_at``: the iteration a resumed run starts after. metrics.jsonl keeps its records up
+    to it (``truncate_records``) and is appended to; TensorBoard hides the earlier run's events
+    after it (SummaryWriter's ``purge_step``), so neither mixes the two runs' later steps.
     """
 
     def __init__(self, enabled: bool, metrics_file: str | None, tensorboard_dir: str | None,
-                 wandb_project: str | None, wandb_name: str | None, config: dict[str, Any]):
+                 wandb_project: str | None, wandb_name: str | None, config: dict[str, Any],
+                 resumed_at: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -84,12 +116,15 @@ class MetricsLogger:
         if metrics_file:
             with _output("--metrics-file", metrics_file):
                 os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+                if resumed_at is not None:
+                    truncate_records(metrics_file, resumed_at)
                 self._jsonl = open(metrics_file, "a", buffering=1)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             with _output("--tensorboard-dir", tensorboard_dir):
-                self._tb = SummaryWriter(log_dir=tensorboard_dir)
+                self._tb = SummaryWriter(log_dir=tensorboard_dir,
+                                         purge_step=None if resumed_at is None else resumed_at + 1)
         if wandb_project:
             import wandb
 

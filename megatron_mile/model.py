@@ -108,6 +108,17 @@ def fused_swiglu_compiles(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def optional_kernels(config: TransformerConfig) -> dict[str, str]:
+    """The optional fused kernels this model uses, or what stands in for them (the trainer logs it)."""
+    te = transformer_engine_available()
+    return {
+        "layers": "Transformer Engine" if te else "megatron-core local (no Transformer Engine)",
+        "attention": "Transformer Engine DotProductAttention" if te else "megatron-core DotProductAttention",
+        "softmax": "fused" if config.masked_softmax_fusion else "torch (no fused kernels)",
+        "SwiGLU": "fused (torch.compile)" if config.bias_activation_fusion else "unfused",
+    }
+
+
 def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp: int | None = None,
                              sequence_parallel: bool = False, bf16: bool = False,
                              recompute_activations: bool = False) -> TransformerConfig:

@@ -68,6 +68,10 @@ def fused_adam_available() -> bool:
     return distrib_optimizer.HAVE_APEX_OR_TE
 
 
+def adam_implementation() -> str:
+    return "apex/Transformer Engine FusedAdam" if fused_adam_available() else "torch Adam (no apex or Transformer Engine)"
+
+
 def build_optimizer(model: list[DistributedDataParallel], settings: OptimSettings, bf16: bool) -> MegatronOptimizer:
     config = OptimizerConfig(
         optimizer="adam",

@@ -27,6 +27,8 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    optimizer uses an equivalent that scales the grads in place with ``torch._foreach_mul_``.
 6. ``torch.cuda.synchronize()`` is a no-op (CPU work is already synchronous): the
    ``dist_checkpointing`` writer calls it after staging tensors to host memory.
+7. megatron-core's advice to set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (so that tensor-parallel
+   communication overlaps with compute on one CUDA work queue) is silenced: there is no queue.
 
 One more CUDA assumption is configuration, not a patch, and lives where the config is
 built (``megatron_mile.model``): ``batch_p2p_sync`` (a ``torch.cuda.synchronize()``
@@ -42,6 +44,7 @@ import hashlib
 import logging
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -160,6 +163,11 @@ def enable_cpu_compat() -> bool:
 
     # 6. Nothing to wait for on the CPU.
     torch.cuda.synchronize = lambda device=None: None
+
+    # 7. Advice about CUDA work queues.
+    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended to set the "
+                            "environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+                            module=r"megatron\.core\.tensor_parallel\.layers")
 
     _cpu_compat_enabled = True
     log.info("megatron-core CPU compatibility layer enabled (no CUDA on this machine)")

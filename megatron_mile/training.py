@@ -14,6 +14,7 @@ they are identical.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from functools import partial
@@ -24,13 +25,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mile import checkpointing, metrics, optim, runtime
+from megatron_mile import checkpointing, interrupts, metrics, optim, run_dir, runtime
 from megatron_mile.arguments import model_shape, virtual_pipeline_stages
 from megatron_mile.checkpointing import TrainingState
 from megatron_mile.data import build_pretraining_datasets, build_tokenizer, load_blend
 from megatron_mile.data.errors import DataError
 from megatron_mile.loss import weighted_lm_loss
-from megatron_mile.model import build_model_chunks, build_transformer_config, count_parameters, padded_vocab_size
+from megatron_mile.model import (build_model_chunks, build_transformer_config, count_parameters, optional_kernels,
+                                 padded_vocab_size)
+
+log = logging.getLogger(__name__)
 
 STAT_KEYS = ("loss", "ce", "entropy", "alpha")
 
@@ -79,6 +83,10 @@ def _data_iterators(batches: list[dict[str, torch.Tensor]], num_chunks: int) -> 
 class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        # Before any process group exists, like every check that reads only the flags and the disk.
+        self.start = run_dir.plan_start(args)
+        self.exits = interrupts.ExitConditions(args.exit_signal if args.exit_signal_handler else None,
+                                               args.exit_duration_in_mins)
         self.rt = runtime.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                      virtual_pipeline_stages(args), args.seed,
                                      timeout_minutes=args.distributed_timeout_minutes)
@@ -92,23 +100,31 @@ class Trainer:
             bf16=args.bf16, recompute_activations=args.recompute_activations)
         self.chunks = build_model_chunks(self.config, self.vocab_size, self.shape.seq_length, args.seed,
                                          self.rt.device, vocab_divisible_by=args.make_vocab_size_divisible_by)
+        kernels = {**optional_kernels(self.config), "optimizer": optim.adam_implementation()}
+        log.info("kernels: %s", " | ".join(f"{part} {kind}" for part, kind in kernels.items()))
         self.settings = optim.OptimSettings.from_args(args)
         self.model = optim.wrap_data_parallel(self.config, self.chunks, self.settings)
         self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
         self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)
         self.state = TrainingState()
-        if args.load:
-            loaded = checkpointing.load_checkpoint(args.load, self.chunks, self.optimizer, self.scheduler,
-                                                   self.vocab_size, load_optimizer=not args.no_load_optim)
-            if loaded:
-                self.state = loaded
-                self._log(f"resumed from {args.load} at iteration {loaded.iteration}")
-        save_dir = args.save or args.load
+        if self.start.overwrite:
+            # Only now, with the configuration checked and the data and model built.
+            removed = run_dir.remove_earlier_run(args) if self.rt.rank == 0 else None
+            if removed:
+                print(removed, flush=True)
+            dist.barrier()
+        if self.start.notice:
+            self._log(self.start.notice)
+        if self.start.load:
+            self.state = checkpointing.load_checkpoint(self.start.load, self.chunks, self.optimizer, self.scheduler,
+                                                       self.vocab_size, load_optimizer=not args.no_load_optim)
+            self._log(f"resumed from {self.start.load} at iteration {self.state.iteration}")
+        self.last_checkpoint = checkpointing.latest_iteration(args.save) if args.save else None
         self.logger = metrics.MetricsLogger(
-            enabled=self.rt.is_logging_rank,
-            metrics_file=args.metrics_file or (os.path.join(save_dir, "metrics.jsonl") if save_dir else None),
-            tensorboard_dir=args.tensorboard_dir or (os.path.join(save_dir, "tensorboard") if save_dir else None),
-            wandb_project=args.wandb_project, wandb_name=args.wandb_exp_name, config=vars(args))
+            enabled=self.rt.is_logging_rank, metrics_file=run_dir.metrics_file(args),
+            tensorboard_dir=run_dir.tensorboard_dir(args), wandb_project=args.wandb_project,
+            wandb_name=args.wandb_exp_name, config=vars(args),
+            resumed_at=self.state.iteration if self.start.resume else None)
         tokens_per_iter = args.global_batch_size * self.shape.seq_length
         self.throughput = metrics.Throughput(tokens_per_iter, metrics.flops_per_token(self.shape, self.vocab_size),
                                              self.rt.world_size, args.train_iters)
@@ -117,11 +133,13 @@ class Trainer:
         args = self.args
         blend = load_blend(args.data_path)
         gbs = args.global_batch_size
+        cache = args.data_cache_path or (os.path.join(args.save, "data_cache") if args.save else None)
+        if cache is None:
+            log.info("no --save or --data-cache-path: the blend's sample indexes are built again at every start")
         datasets = build_pretraining_datasets(
             blend, self.tokenizer, self.shape.seq_length, args.seed,
             train_samples=args.train_iters * gbs, valid_samples=args.eval_iters * gbs, test_samples=0,
-            split=args.split,
-            path_to_cache=args.data_cache_path or (os.path.join(args.save, "data_cache") if args.save else None))
+            split=args.split, path_to_cache=cache)
         self.train_data = datasets.train
         self.valid_data = datasets.valid
         self.domain_valid = datasets.domain_valid
@@ -230,6 +248,7 @@ class Trainer:
                                              self.state, self.vocab_size, run_args=vars(self.args),
                                              fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable)
         self._log(f"saved checkpoint {path}")
+        self.last_checkpoint = self.state.iteration
 
     def train(self) -> None:
         args = self.args
@@ -268,11 +287,21 @@ class Trainer:
             if args.save_interval and self.state.iteration % args.save_interval == 0:
                 self.save()
                 self.throughput.restart()
-            if args.exit_interval and self.state.iteration % args.exit_interval == 0:
-                self._log(f"exiting at iteration {self.state.iteration} (--exit-interval {args.exit_interval})")
+            stop = self._stop_reason()
+            if stop:
+                self._log(f"exiting at iteration {self.state.iteration}: {stop}")
                 break
-        if args.save and (not args.save_interval or self.state.iteration % args.save_interval):
+        if args.save and self.last_checkpoint != self.state.iteration:
             self.save()
+
+    def _stop_reason(self) -> str | None:
+        """Why the run stops after this iteration, short of --train-iters; None to go on."""
+        if self.args.exit_interval and self.state.iteration % self.args.exit_interval == 0:
+            return f"--exit-interval {self.args.exit_interval}"
+        return self.exits.reason(self.rt.device)
+
+    def interrupt_message(self) -> str:
+        return interrupts.interrupt_message(self.state.iteration, self.args.save, self.last_checkpoint)
 
     def _log_window(self, window: dict[str, float], steps: int, grad_norm: float, skipped: int) -> None:
         values: dict[str, Any] = {"iteration": self.state.iteration,
@@ -285,9 +314,19 @@ class Trainer:
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    """Build and train; the caller shuts the process group down (``runtime.shutdown``)."""
-    trainer = Trainer(args)
+    """Build and train; Ctrl-C raises ``interrupts.Interrupted`` with the line to print.
+
+    The caller shuts the process group down (``runtime.shutdown``), after reporting any error.
+    """
+    trainer = None
     try:
+        trainer = Trainer(args)
         trainer.train()
+    except KeyboardInterrupt:
+        if trainer is None:
+            last = checkpointing.latest_iteration(args.save) if args.save else None
+            raise interrupts.Interrupted(interrupts.interrupt_message(None, args.save, last)) from None
+        raise interrupts.Interrupted(trainer.interrupt_message()) from None
     finally:
-        trainer.logger.close()
+        if trainer is not None:
+            trainer.logger.close()

@@ -146,3 +146,18 @@ def test_tokenizer_export_hf_directory(tmp_path):
     hf_tokenizer.verify(source, None, str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert tokenizer.eos_token == "</s>" and tokenizer.model_max_length == 128
+
+
+@pytest.mark.parametrize("max_shard_bytes", [1 << 30, 8], ids=["one_file", "sharded"])
+def test_weights_get_the_modes_of_the_umask(tmp_path, max_shard_bytes):
+    """Readable by the group on a shared filesystem when the umask says so (safetensors alone gives 0600)."""
+    sys.path.insert(0, REPO)
+    from checkpoint_conversion.convert_to_hf import write_safetensors
+
+    previous = os.umask(0o027)
+    try:
+        write_safetensors({"a": torch.zeros(4), "b": torch.ones(4)}, str(tmp_path), max_shard_bytes)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert len(modes) == (1 if max_shard_bytes > 8 else 3) and set(modes.values()) == {0o640}, modes

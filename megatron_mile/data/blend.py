@@ -168,19 +168,28 @@ def read_manifest(path: str) -> dict[str, dict]:
 
 
 def _domain_weights(weights: Optional[dict[str, float]], available: list[str], source: str,
-                    manifest: str) -> list[float]:
-    """One weight per available domain; unknown weighted domains are errors, unweighted ones get the mean."""
+                    manifest: str) -> tuple[list[float], tuple[tuple[str, ...], float]]:
+    """One weight per available domain; unknown weighted domains are errors, unweighted ones get the mean.
+
+    Also returns the unweighted domains and the mean they got, for the caller's warning.
+    """
     if weights is None:
-        return [1.0] * len(available)
+        return [1.0] * len(available), ((), 1.0)
     missing_data = sorted(set(weights) - set(available))
     if missing_data:
         raise DataError(f"{source}: weights name domain(s) with no data in {manifest}: {', '.join(missing_data)}")
     known = [weights[d] for d in available if d in weights]
     default = sum(known) / len(known) if known else 1.0
-    unweighted = [d for d in available if d not in weights]
-    if unweighted:
-        logger.warning("%s: no weight for %s; using the mean weight %.4g", source, ", ".join(unweighted), default)
-    return [weights.get(d, default) for d in available]
+    unweighted = tuple(d for d in available if d not in weights)
+    return [weights.get(d, default) for d in available], (unweighted, default)
+
+
+def _warn_unweighted(source: str, unweighted: dict[str, tuple[tuple[str, ...], float]]) -> None:
+    """One warning per distinct case: train and eval usually miss the same domains (a flat weights file)."""
+    for case in dict.fromkeys(case for case in unweighted.values() if case[0]):
+        domains, default = case
+        parts = " or ".join(name for name, other in unweighted.items() if other == case)
+        logger.warning("%s: no %s weight for %s; using the mean weight %.4g", source, parts, ", ".join(domains), default)
 
 
 def make_blend(manifest_path: str, weights_path: Optional[str] = None,
@@ -198,9 +207,11 @@ def make_blend(manifest_path: str, weights_path: Optional[str] = None,
     weights_path = weights_file(weights_path) if weights_path else None
     train_w, eval_w = read_weights(weights_path) if weights_path else (None, None)
 
-    def part(domains: dict[str, dict], weights, manifest: str) -> dict:
+    unweighted: dict[str, tuple[tuple[str, ...], float]] = {}
+
+    def part(name: str, domains: dict[str, dict], weights, manifest: str) -> dict:
         available = sorted(d for d, e in domains.items() if e["documents"] > 0 and e["tokens"] > 0)
-        values = _domain_weights(weights, available, weights_path or "uniform weights", manifest)
+        values, unweighted[name] = _domain_weights(weights, available, weights_path or "uniform weights", manifest)
         chosen = [(d, w) for d, w in zip(available, values) if w > 0]
         if not chosen:
             raise DataError(f"{manifest}: no domain with data and a positive weight")
@@ -208,8 +219,9 @@ def make_blend(manifest_path: str, weights_path: Optional[str] = None,
         return {"prefixes": [domains[d]["prefix"] for d, _ in chosen],
                 "weights": [w / total for _, w in chosen], "domains": [d for d, _ in chosen]}
 
-    train = part(train_domains, train_w, manifest_path)
-    evals = part(eval_domains, eval_w, eval_manifest_path or manifest_path)
+    train = part("train", train_domains, train_w, manifest_path)
+    evals = part("eval", eval_domains, eval_w, eval_manifest_path or manifest_path)
+    _warn_unweighted(weights_path or "uniform weights", unweighted)
     return {
         "format": BLEND_FORMAT,
         "train": train,

@@ -6,6 +6,7 @@ then every rank loads them; shuffling is deterministic in ``seed``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -16,6 +17,16 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_mile.data.blend import Blend
 from megatron_mile.data.errors import DataError
+
+
+class _NoCacheNotice(logging.Filter):
+    """megatron-core warns once per blended dataset built without a cache path; a choice, not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "because path_to_cache is None" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.datasets.blended_dataset").addFilter(_NoCacheNotice())
 
 
 @dataclass
