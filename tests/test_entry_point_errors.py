@@ -44,12 +44,13 @@ def test_error_on_every_rank_is_printed_once(demo, tmp_path):
     assert len(errors) == 1 and "but --tokenizer-model has 295 tokens" in errors[0], proc.stderr[-3000:]
 
 
-def test_unexpected_errors_keep_their_traceback(monkeypatch):
+def test_unexpected_errors_keep_their_traceback(demo, monkeypatch):
     """A bare ValueError is a bug, not a message: it propagates (and Python prints its traceback)."""
     from megatron_mile import train, training
     from megatron_mile.data.errors import DataError
 
-    base = ["--train-iters", "10", "--lr-warmup-iters", "1", "--data-path", "x", "--tokenizer-model", __file__]
+    base = ["--train-iters", "10", "--lr-warmup-iters", "1", "--data-path", demo["blend"],
+            "--tokenizer-model", demo["tokenizer"]]
     monkeypatch.setenv("WORLD_SIZE", "1")
 
     def fails_with(error):
