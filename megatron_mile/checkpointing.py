@@ -8,9 +8,14 @@ Layout of ``--save``::
 
 A checkpoint holds the model as sharded tensors (so it loads at another TP/PP layout), the
 optimizer state in one of the formats below, and, as common state, that format, the
-scheduler, the iteration, the consumed samples, the true vocabulary size and the layout it
-was saved at. Per-rank RNG states are sharded objects; they are restored only when the
-layout is unchanged.
+scheduler, the iteration, the consumed samples, the true vocabulary size, the layout it
+was saved at and the run's arguments (``args``, the architecture among them). Per-rank RNG
+states are sharded objects; they are restored only when the layout is unchanged.
+
+A *weights-only* checkpoint (``save_model_weights``, e.g. an imported Hugging Face model)
+holds just the model, the vocabulary size, the layout and the arguments, at iteration 0,
+with ``weights_only`` set: loading it starts training afresh from those weights, as
+``--finetune`` (``load_model_weights``) does with any checkpoint.
 
 Optimizer formats: ``plain`` (megatron-core's regular optimizers) reshards like the model.
 The distributed optimizer saves ``dp_reshardable`` by default (Megatron-LM's default: every
@@ -70,6 +75,22 @@ def latest_iteration(root: str) -> int | None:
     if not text.isdigit():
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
     return int(text)
+
+
+def find_checkpoint(root: str) -> str | None:
+    """The latest complete checkpoint directory under ``root`` (a --save directory); None when there is none yet."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{root}/{POINTER} names iteration {iteration} but {path} is missing")
+    return path
+
+
+def saved_arguments(path: str) -> dict[str, Any]:
+    """The arguments saved with the checkpoint directory ``path``."""
+    return dist_checkpointing.load_common_state_dict(path)["args"]
 
 
 def _layout() -> dict[str, int]:
@@ -155,7 +176,25 @@ def save_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
                     train_state: TrainingState, vocab_size: int, run_args: dict[str, Any],
                     fully_reshardable: bool = False) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
-    final = checkpoint_dir(root, train_state.iteration)
+    optim_format = optimizer_format(optimizer, fully_reshardable)
+    state = _sharded_state(chunks, optimizer, optim_format, is_loading=False)
+    state["rng_state"] = _rng_state()
+    state.update(scheduler=scheduler.state_dict(), optimizer_format=optim_format, iteration=train_state.iteration,
+                 consumed_samples=train_state.consumed_samples, vocab_size=vocab_size, layout=_layout(),
+                 args=run_args)
+    return _save_atomically(root, train_state.iteration, state)
+
+
+def save_model_weights(root: str, chunks: list[torch.nn.Module], vocab_size: int, run_args: dict[str, Any]) -> str:
+    """Collective: a weights-only checkpoint at iteration 0 (see the module docstring)."""
+    state = _sharded_state(chunks, None, "plain", is_loading=False)
+    state.update(weights_only=True, iteration=0, vocab_size=vocab_size, layout=_layout(), args=run_args)
+    return _save_atomically(root, 0, state)
+
+
+def _save_atomically(root: str, iteration: int, state: dict[str, Any]) -> str:
+    """Write ``iter_N.tmp``, rename it to ``iter_N``, then move the pointer (see the module docstring)."""
+    final = checkpoint_dir(root, iteration)
     staging = final + ".tmp"
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -163,12 +202,6 @@ def save_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    optim_format = optimizer_format(optimizer, fully_reshardable)
-    state = _sharded_state(chunks, optimizer, optim_format, is_loading=False)
-    state["rng_state"] = _rng_state()
-    state.update(scheduler=scheduler.state_dict(), optimizer_format=optim_format, iteration=train_state.iteration,
-                 consumed_samples=train_state.consumed_samples, vocab_size=vocab_size, layout=_layout(),
-                 args=run_args)
     dist_checkpointing.save(state, staging)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -177,7 +210,7 @@ def save_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
         os.replace(staging, final)
         pointer_tmp = os.path.join(root, POINTER + ".tmp")
         with open(pointer_tmp, "w") as f:
-            f.write(f"{train_state.iteration}\n")
+            f.write(f"{iteration}\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer_tmp, os.path.join(root, POINTER))
@@ -190,18 +223,18 @@ def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
     """Restore the latest complete checkpoint under ``root``; None when there is none yet.
 
     With ``load_optimizer=False`` the optimizer keeps its fresh state, its main params
-    re-read from the loaded model.
+    re-read from the loaded model. A weights-only checkpoint restores the model alone and
+    returns a fresh ``TrainingState``.
     """
-    iteration = latest_iteration(root)
-    if iteration is None:
+    path = find_checkpoint(root)
+    if path is None:
         return None
-    path = checkpoint_dir(root, iteration)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{root}/{POINTER} names iteration {iteration} but {path} is missing")
-    common = dist_checkpointing.load_common_state_dict(path)
-    if vocab_size > common["vocab_size"]:
-        raise CheckpointError(f"--tokenizer-model has {vocab_size} tokens, more than the {common['vocab_size']} "
-                              f"of the checkpoint {path}")
+    common = _common_state(path, vocab_size)
+    if common.get("weights_only"):
+        _load_model(path, chunks)
+        optimizer.reload_model_params()
+        log.info("%s holds model weights only: training starts at iteration 0 with a fresh optimizer", path)
+        return TrainingState()
     same_layout = common["layout"] == _layout()
     saved_format = common.get("optimizer_format", "plain")
     if load_optimizer:
@@ -227,6 +260,36 @@ def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
         log.info("checkpoint layout %s differs from this run's %s: RNG states start fresh",
                  common["layout"], _layout())
     return TrainingState(iteration=loaded["iteration"], consumed_samples=loaded["consumed_samples"])
+
+
+def load_model_weights(root: str, chunks: list[torch.nn.Module], vocab_size: int) -> str:
+    """Load only the model of the latest complete checkpoint under ``root`` into ``chunks``,
+    at this run's layout (any TP/PP/VP); returns that checkpoint's directory.
+
+    Collective. The caller's optimizer must re-read its main params from the model
+    (``optimizer.reload_model_params()``) when it already exists.
+    """
+    path = find_checkpoint(root)
+    if path is None:
+        raise CheckpointError(f"--load: {root} has no checkpoint ({POINTER} is missing)")
+    _common_state(path, vocab_size)
+    _load_model(path, chunks)
+    return path
+
+
+def _common_state(path: str, vocab_size: int) -> dict[str, Any]:
+    """The checkpoint's common state, after checking that this run's vocabulary fits its embedding."""
+    common = dist_checkpointing.load_common_state_dict(path)
+    if vocab_size > common["vocab_size"]:
+        raise CheckpointError(f"--tokenizer-model has {vocab_size} tokens, more than the {common['vocab_size']} "
+                              f"of the checkpoint {path}")
+    return common
+
+
+def _load_model(path: str, chunks: list[torch.nn.Module]) -> None:
+    loaded = dist_checkpointing.load(_sharded_state(chunks, None, "plain", is_loading=True), path)
+    for index, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{index}"])
 
 
 def _check_optimizer_format(path: str, saved: str, this_run: str, saved_layout: dict[str, int]) -> None:

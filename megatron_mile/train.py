@@ -18,8 +18,8 @@ _QUIET = ("Transformer Engine and Apex are not installed", "Apex is not installe
 for _message in _QUIET:
     warnings.filterwarnings("ignore", message=_message)
 
-from megatron_mile.arguments import ConfigError, parse_args, validate  # noqa: E402
-from megatron_mile.checkpointing import CheckpointError  # noqa: E402
+from megatron_mile.arguments import ConfigError, adopt_checkpoint_architecture, parse_args, validate  # noqa: E402
+from megatron_mile.checkpointing import CheckpointError, find_checkpoint, saved_arguments  # noqa: E402
 
 
 def _fail(message: str) -> None:
@@ -32,8 +32,12 @@ def _fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        # The checkpoint fixes the architecture, and the checks below depend on it.
+        checkpoint = find_checkpoint(args.load) if args.load else None
+        if checkpoint:
+            adopt_checkpoint_architecture(args, saved_arguments(checkpoint), checkpoint)
         validate(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         _fail(str(err))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Our own decisions (CPU layer, resharded RNG) are worth a line; megatron's chatter is not.

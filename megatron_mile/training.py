@@ -80,7 +80,7 @@ class Trainer:
             self.shape, tp=self.rt.tp, pp=self.rt.pp, vp=self.rt.vp, sequence_parallel=args.sequence_parallel,
             bf16=args.bf16, recompute_activations=args.recompute_activations)
         self.chunks = build_model_chunks(self.config, self.vocab_size, self.shape.seq_length, args.seed,
-                                         self.rt.device)
+                                         self.rt.device, rotary_base=self.shape.rotary_base)
         self.settings = optim.OptimSettings(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
@@ -90,7 +90,12 @@ class Trainer:
         self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
         self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)
         self.state = TrainingState()
-        if args.load:
+        if args.load and args.finetune:
+            # Weights only: iteration 0, with this run's fresh optimizer, schedule, RNG and data position.
+            path = checkpointing.load_model_weights(args.load, self.chunks, self.vocab_size)
+            self.optimizer.reload_model_params()
+            self._log(f"--finetune: model weights from {path}; starting at iteration 0")
+        elif args.load:
             loaded = checkpointing.load_checkpoint(args.load, self.chunks, self.optimizer, self.scheduler,
                                                    self.vocab_size, load_optimizer=not args.no_load_optim)
             if loaded:
