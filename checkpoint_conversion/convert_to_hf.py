@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import warnings
 
@@ -66,30 +65,20 @@ def resolve_checkpoint(load: str, iteration: int | None) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load_full_state(path: str):
     """Rebuild the run's model at TP=1 PP=1 and load the checkpoint into it.
 
-    Returns the model state dict, the run's args dict, the true vocab size, the model shape
-    and the number of query groups.
+    Returns the model state dict, the run's args dict, the true vocab size and the model shape.
     """
     import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from megatron_mile import runtime
-    from megatron_mile.arguments import model_shape
+    from megatron_mile.arguments import checkpoint_shape
     from megatron_mile.model import build_model_chunks, build_transformer_config, padded_vocab_size
 
-    # A world of one on a free port, so a training job on the same node is left alone.
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
-    runtime.initialize(1, 1)
+    runtime.initialize_world_of_one()
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as err:  # torch.load / pickle raise many types on a damaged file
@@ -97,11 +86,12 @@ def load_full_state(path: str):
     if not all(k in common for k in ("args", "vocab_size", "layout")):
         raise ConversionError(f"{path}: not a megatron-mile checkpoint (no args/vocab_size/layout)")
     run_args, vocab_size = common["args"], common["vocab_size"]
-    shape = model_shape(argparse.Namespace(**run_args))
+    shape = checkpoint_shape(run_args)
     # The saved embedding holds the vocab padded for the saved TP; rebuild with that row count.
     saved_rows = padded_vocab_size(vocab_size, common["layout"]["tp"])
     config = build_transformer_config(shape)
-    model = build_model_chunks(config, saved_rows, shape.seq_length, seed=0, device=torch.device("cpu"))[0]
+    model = build_model_chunks(config, saved_rows, shape.seq_length, seed=0, device=torch.device("cpu"),
+                               rotary_base=shape.rotary_base)[0]
     try:
         loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path,
                                          strict=StrictHandling.RAISE_UNEXPECTED)
@@ -109,7 +99,7 @@ def load_full_state(path: str):
         raise ConversionError(f"{path}: cannot load the model ({str(err).splitlines()[0]})") from None
     model.load_state_dict(loaded["model0"])
     state = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    return state, run_args, vocab_size, shape, config.num_query_groups or shape.num_attention_heads
+    return state, run_args, vocab_size, shape
 
 
 def write_safetensors(tensors: dict, out_dir: str, max_shard_bytes: int) -> None:
@@ -148,10 +138,8 @@ def convert(args: argparse.Namespace) -> str:
     path = resolve_checkpoint(args.load, args.iteration)
     if os.path.exists(args.output) and not args.overwrite:
         raise ConversionError(f"--output: {args.output} exists (pass --overwrite to replace it)")
-    state, run_args, vocab_size, shape, groups = load_full_state(path)
-    llama = LlamaShape(num_layers=shape.num_layers, hidden_size=shape.hidden_size,
-                       num_attention_heads=shape.num_attention_heads, num_query_groups=groups,
-                       ffn_hidden_size=shape.ffn_hidden_size, seq_length=shape.seq_length, vocab_size=vocab_size)
+    state, run_args, vocab_size, shape = load_full_state(path)
+    llama = LlamaShape.of(shape, vocab_size)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if run_args.get("bf16") else "float32")
     dtype = getattr(torch, dtype_name)
     tensors = {k: v.to(dtype) for k, v in to_hf_state_dict(state, llama).items()}

@@ -41,6 +41,7 @@ import functools
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -250,6 +251,16 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
         dp=world_size // model_parallel,
         vp=virtual_pipeline_model_parallel_size,
     )
+
+
+def initialize_world_of_one(seed: int = 1234) -> Runtime:
+    """One process at TP = PP = 1 for offline tools (checkpoint conversion), on a free local
+    port so that a training job on the same node is left alone."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return initialize(1, 1, seed=seed)
 
 
 def shutdown() -> None:
