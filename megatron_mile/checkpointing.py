@@ -14,8 +14,8 @@ states are sharded objects; they are restored only when the layout is unchanged.
 
 A *weights-only* checkpoint (``save_model_weights``, e.g. an imported Hugging Face model)
 holds just the model, the vocabulary size, the layout and the arguments, at iteration 0,
-with ``weights_only`` set: loading it starts training afresh from those weights, as
-``--finetune`` (``load_model_weights``) does with any checkpoint.
+with ``weights_only`` set. ``load_model_weights`` reads the model alone from any checkpoint
+(``--finetune``, and ``--load`` of a weights-only one).
 
 Optimizer formats: ``plain`` (megatron-core's regular optimizers) reshards like the model.
 The distributed optimizer saves ``dp_reshardable`` by default (Megatron-LM's default: every
@@ -91,6 +91,12 @@ def find_checkpoint(root: str) -> str | None:
 def saved_arguments(path: str) -> dict[str, Any]:
     """The arguments saved with the checkpoint directory ``path``."""
     return dist_checkpointing.load_common_state_dict(path)["args"]
+
+
+def holds_weights_only(root: str) -> bool:
+    """Whether the latest checkpoint under ``root`` is a weights-only one (nothing to resume but the model)."""
+    path = find_checkpoint(root)
+    return path is not None and bool(dist_checkpointing.load_common_state_dict(path).get("weights_only"))
 
 
 def _layout() -> dict[str, int]:
@@ -223,18 +229,12 @@ def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
     """Restore the latest complete checkpoint under ``root``; None when there is none yet.
 
     With ``load_optimizer=False`` the optimizer keeps its fresh state, its main params
-    re-read from the loaded model. A weights-only checkpoint restores the model alone and
-    returns a fresh ``TrainingState``.
+    re-read from the loaded model.
     """
     path = find_checkpoint(root)
     if path is None:
         return None
     common = _common_state(path, vocab_size)
-    if common.get("weights_only"):
-        _load_model(path, chunks)
-        optimizer.reload_model_params()
-        log.info("%s holds model weights only: training starts at iteration 0 with a fresh optimizer", path)
-        return TrainingState()
     same_layout = common["layout"] == _layout()
     saved_format = common.get("optimizer_format", "plain")
     if load_optimizer:

@@ -90,11 +90,11 @@ class Trainer:
         self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
         self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)
         self.state = TrainingState()
-        if args.load and args.finetune:
+        if args.load and (args.finetune or checkpointing.holds_weights_only(args.load)):
             # Weights only: iteration 0, with this run's fresh optimizer, schedule, RNG and data position.
             path = checkpointing.load_model_weights(args.load, self.chunks, self.vocab_size)
             self.optimizer.reload_model_params()
-            self._log(f"--finetune: model weights from {path}; starting at iteration 0")
+            self._log(f"loaded the model weights of {path} alone: starting at iteration 0")
         elif args.load:
             loaded = checkpointing.load_checkpoint(args.load, self.chunks, self.optimizer, self.scheduler,
                                                    self.vocab_size, load_optimizer=not args.no_load_optim)

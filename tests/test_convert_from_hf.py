@@ -70,11 +70,12 @@ def test_round_trip_is_bit_identical(imported, tmp_path):
     from safetensors.torch import load_file
 
     from megatron_mile.arguments import checkpoint_shape
-    from megatron_mile.checkpointing import find_checkpoint, saved_arguments
+    from megatron_mile.checkpointing import find_checkpoint, holds_weights_only, saved_arguments
     from megatron_mile.metrics import flops_per_token
     from megatron_mile.model import count_parameters
 
     assert not os.path.exists(imported["run"] + ".tmp")
+    assert holds_weights_only(imported["run"])  # so a plain --load, too, starts from the weights alone
     saved = saved_arguments(find_checkpoint(imported["run"]))
     assert saved["tokenizer_model"] == os.path.join(imported["run"], "tokenizer")
     shape = checkpoint_shape(saved)

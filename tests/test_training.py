@@ -88,6 +88,9 @@ def test_finetune_keeps_only_the_weights(demo, tmp_path, gqa_tp2):
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    from megatron_mile.checkpointing import holds_weights_only
+
+    assert not holds_weights_only(gqa_tp2["save"])
     save = str(tmp_path / "ft")
     records = train(demo, tmp_path, "ft", 1, "--load", gqa_tp2["save"], "--finetune", "--lr-warmup-iters", "0",
                     "--exit-interval", "1", iters=2, save=save)
