@@ -35,6 +35,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 
 log = logging.getLogger("convert_from_hf")
 
+EMBEDDING = "model.embed_tokens.weight"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # HF recomputes these buffers from the config; older exports saved them.
@@ -102,20 +103,22 @@ def tensor_reader(files: dict[str, str], tied: bool, stack: contextlib.ExitStack
 
     def read(name: str):
         if tied and name == "lm_head.weight":
-            name = "model.embed_tokens.weight"
+            name = EMBEDDING
         return handles[files[name]].get_tensor(name)
 
     return read
 
 
-def check_tensor_names(files: dict[str, str], expected: set[str], hf_dir: str) -> None:
-    """Every tensor the model needs is there, and nothing else is (a weight we would drop)."""
-    missing = sorted(expected - set(files))
+def check_tensor_names(files: dict[str, str], used: set[str], tied: bool, hf_dir: str) -> None:
+    """Every tensor the model needs is there, and nothing else is (a weight we would drop).
+    A tied checkpoint may or may not store lm_head.weight."""
+    missing = sorted(used - set(files) - ({"lm_head.weight"} if tied else set()))
     if missing:
         raise HFImportError(f"{hf_dir}: missing tensor {missing[0]} ({len(missing)} missing)")
-    unexpected = sorted(n for n in set(files) - expected if not n.endswith(IGNORED_SUFFIXES))
+    unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
-        raise HFImportError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]} (not part of a plain Llama)")
+        raise HFImportError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]} "
+                            "(not part of a plain Llama)")
 
 
 def stage_tokenizer(args: argparse.Namespace, staging: str, vocab_size: int) -> tuple[str, str | None]:
@@ -138,7 +141,8 @@ def stage_tokenizer(args: argparse.Namespace, staging: str, vocab_size: int) -> 
         recorded = os.path.join(os.path.abspath(args.save), "tokenizer")
     tokens = build_tokenizer(source, kind).vocab_size
     if tokens > vocab_size:
-        raise HFImportError(f"the tokenizer {source} has {tokens} tokens, more than config.json's vocab_size {vocab_size}")
+        raise HFImportError(f"the tokenizer {source} has {tokens} tokens, more than config.json's "
+                            f"vocab_size {vocab_size}")
     return recorded, kind
 
 
@@ -147,6 +151,7 @@ def convert(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from checkpoint_conversion.llama_mapping import load_hf_tensors, shape_from_hf_config, tensor_map
+    from checkpoint_conversion.staging import staged_directory
     from megatron_mile import checkpointing, runtime
     from megatron_mile.arguments import shape_arguments
     from megatron_mile.model import build_model_chunks, build_transformer_config
@@ -158,17 +163,14 @@ def convert(args: argparse.Namespace) -> None:
     llama, tied = shape_from_hf_config(read_config(args.hf_dir), os.path.join(args.hf_dir, "config.json"))
     files = weight_files(args.hf_dir)
     pairs = tensor_map(llama)
-    check_tensor_names(files, {n for p in pairs for n in p.hf} - ({"lm_head.weight"} if tied else set()), args.hf_dir)
+    check_tensor_names(files, {name for pair in pairs for name in pair.hf}, tied, args.hf_dir)
 
-    staging = args.save.rstrip("/") + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
+    with staged_directory(args.save) as staging:
         tokenizer_model, tokenizer_type = stage_tokenizer(args, staging, llama.vocab_size)
         with contextlib.ExitStack() as stack:
             read = tensor_reader(files, tied, stack)
             # bf16 weights stay bf16 (and export back as bf16); anything else is held in fp32.
-            bf16 = read("model.embed_tokens.weight").dtype == torch.bfloat16
+            bf16 = open_safetensors(files[EMBEDDING], stack).get_slice(EMBEDDING).get_dtype() == "BF16"
             shape = llama.model_shape()
             runtime.initialize_world_of_one()
             config = build_transformer_config(shape, bf16=bf16)
@@ -183,12 +185,6 @@ def convert(args: argparse.Namespace) -> None:
                     "bf16": bf16}
         log.info("saving the megatron-mile checkpoint")
         checkpointing.save_model_weights(staging, [model], llama.vocab_size, run_args)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if os.path.exists(args.save):
-        shutil.rmtree(args.save)
-    os.replace(staging, args.save)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import warnings
 
@@ -134,6 +133,7 @@ def convert(args: argparse.Namespace) -> str:
 
     from checkpoint_conversion import hf_tokenizer
     from checkpoint_conversion.llama_mapping import LlamaShape, hf_config, to_hf_state_dict
+    from checkpoint_conversion.staging import staged_directory
 
     path = resolve_checkpoint(args.load, args.iteration)
     if os.path.exists(args.output) and not args.overwrite:
@@ -146,21 +146,12 @@ def convert(args: argparse.Namespace) -> str:
     tokenizer_path = args.tokenizer_model or run_args["tokenizer_model"]
     tokenizer_type = args.tokenizer_type or (None if args.tokenizer_model else run_args.get("tokenizer_type"))
 
-    staging = args.output.rstrip("/") + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
+    with staged_directory(args.output) as staging:
         bos, eos = hf_tokenizer.export_tokenizer(tokenizer_path, tokenizer_type, staging, shape.seq_length)
         hf_tokenizer.verify(tokenizer_path, tokenizer_type, staging)
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(hf_config(llama, dtype, bos, eos), f, indent=2)
         write_safetensors(tensors, staging, int(args.max_shard_size_gb * 2**30))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if os.path.exists(args.output):
-        shutil.rmtree(args.output)
-    os.replace(staging, args.output)
     return path
 
 

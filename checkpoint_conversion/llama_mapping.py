@@ -91,6 +91,7 @@ class TensorPair:
 
 
 def tensor_map(shape: LlamaShape) -> list[TensorPair]:
+    """Every weight: the embedding, each layer's norms, attention and MLP, the final norm, the output layer."""
     pairs = [TensorPair(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), vocab_rows=True)]
     for i in range(shape.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -140,12 +141,13 @@ def load_hf_tensors(read: Callable[[str], torch.Tensor], shape: LlamaShape, para
     """
     for pair in tensor_map(shape) if pairs is None else pairs:
         target = params[_present(pair.megatron, params)]
-        value = pair.fuse([read(name) for name in pair.hf])
         rows = shape.vocab_size if pair.vocab_rows else target.shape[0]
-        if tuple(value.shape) != (rows, *target.shape[1:]):
-            raise UnsupportedLlama(f"{' + '.join(pair.hf)}: shape {tuple(value.shape)}, but config.json implies "
-                                   f"{(rows, *target.shape[1:])}")
-        target[:rows].copy_(value)
+        parts = [read(name) for name in pair.hf]
+        for name, part, expected in zip(pair.hf, parts, pair.split(target[:rows])):
+            if part.shape != expected.shape:
+                raise UnsupportedLlama(f"{name}: shape {tuple(part.shape)}, but config.json implies "
+                                       f"{tuple(expected.shape)}")
+        target[:rows].copy_(pair.fuse(parts))
         target[rows:].zero_()
 
 
