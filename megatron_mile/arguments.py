@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-mile-train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    g = p.add_argument_group("model")
+    g = p.add_argument_group("model", "with --load, the checkpoint's architecture is used (a flag that "
+                                      "contradicts it is refused), and --seq-length defaults to the checkpoint's")
     g.add_argument("--model-preset", default="tiny", choices=list(PRESETS))
     g.add_argument("--num-layers", type=int)
     g.add_argument("--hidden-size", type=int)

@@ -208,6 +208,8 @@ def _config(**changes) -> dict:
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}, "rope_type"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "rope_type"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.5}}, "rope_theta"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ({"model_type": "mistral"}, "model_type"),
     ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
     ({"head_dim": 32}, "head_dim"),
