@@ -218,7 +218,11 @@ def _global_names(model: GPTModel) -> dict[str, torch.nn.Parameter]:
 
 
 def _local_rows(full: torch.Tensor, dim: int, rank: int, world: int, gated: bool) -> torch.Tensor:
-    """This TP rank's slice of a full weight; SwiGLU fc1 holds [gate_r; up_r] per rank."""
+    """This TP rank's slice of a full weight; SwiGLU fc1 holds [gate_r; up_r] per rank.
+
+    The fused QKV weight lists, per query group, its query heads, key and value, so a
+    contiguous row slice is whole groups: the same layout at every TP that divides them.
+    """
     if not gated:
         return full.chunk(world, dim=dim)[rank]
     gate, up = full.chunk(2, dim=dim)

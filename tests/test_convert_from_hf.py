@@ -226,6 +226,23 @@ def test_unsupported_llama_is_refused_naming_the_field(changes, field):
         shape_from_hf_config(_config(**changes), "config.json")
 
 
+def test_weight_shapes_that_contradict_the_config_are_refused(imported):
+    sys.path.insert(0, REPO)
+    from safetensors.torch import load_file
+
+    from checkpoint_conversion.llama_mapping import UnsupportedLlama, load_hf_tensors, shape_from_hf_config, tensor_map
+
+    with open(os.path.join(imported["hf"], "config.json")) as f:
+        shape, _ = shape_from_hf_config(json.load(f), "config.json")
+    tensors = load_file(os.path.join(imported["hf"], "model.safetensors"))
+    params = {pair.megatron[0]: torch.zeros_like(pair.fuse([tensors[name] for name in pair.hf]))
+              for pair in tensor_map(shape)}
+    wrong = {**tensors, "model.layers.1.self_attn.k_proj.weight": torch.zeros(64, 64)}  # as if 4 key/value heads
+    with pytest.raises(UnsupportedLlama, match=r"model.layers.1.self_attn.k_proj.weight: shape \(64, 64\), "
+                                               r"but config.json implies \(32, 64\)"):
+        load_hf_tensors(wrong.__getitem__, shape, params)
+
+
 def test_bad_input_is_refused_in_one_line(imported, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, REPO)
     from safetensors.torch import load_file, save_file
