@@ -15,7 +15,7 @@ states are sharded objects; they are restored only when the layout is unchanged.
 A *weights-only* checkpoint (``save_model_weights``, e.g. an imported Hugging Face model)
 holds just the model, the vocabulary size, the layout and the arguments, at iteration 0,
 with ``weights_only`` set. ``load_model_weights`` reads the model alone from any checkpoint
-(``--finetune``, and ``--load`` of a weights-only one).
+(``--finetune``, and ``--load`` of a weights-only checkpoint).
 
 Optimizer formats: ``plain`` (megatron-core's regular optimizers) reshards like the model.
 The distributed optimizer saves ``dp_reshardable`` by default (Megatron-LM's default: every
@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -231,10 +232,16 @@ def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
     With ``load_optimizer=False`` the optimizer keeps its fresh state, its main params
     re-read from the loaded model.
     """
-    path = find_checkpoint(root)
-    if path is None:
+    iteration = latest_iteration(root)
+    if iteration is None:
         return None
-    common = _common_state(path, vocab_size)
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{root}/{POINTER} names iteration {iteration} but {path} is missing")
+    common = dist_checkpointing.load_common_state_dict(path)
+    if vocab_size > common["vocab_size"]:
+        raise CheckpointError(f"--tokenizer-model has {vocab_size} tokens, more than the {common['vocab_size']} "
+                              f"of the checkpoint {path}")
     same_layout = common["layout"] == _layout()
     saved_format = common.get("optimizer_format", "plain")
     if load_optimizer:
@@ -262,34 +269,24 @@ def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
     return TrainingState(iteration=loaded["iteration"], consumed_samples=loaded["consumed_samples"])
 
 
-def load_model_weights(root: str, chunks: list[torch.nn.Module], vocab_size: int) -> str:
-    """Load only the model of the latest complete checkpoint under ``root`` into ``chunks``,
-    at this run's layout (any TP/PP/VP); returns that checkpoint's directory.
+def load_model_weights(path: str, chunks: list[torch.nn.Module], vocab_size: int) -> dict[str, Any]:
+    """Load only the model of the checkpoint directory ``path`` (an ``iter_N`` directory) into ``chunks``.
 
-    Collective. The caller's optimizer must re-read its main params from the model
-    (``optimizer.reload_model_params()``) when it already exists.
+    Collective. ``chunks`` may be built at any TP/PP/VP layout: ``dist_checkpointing`` reshards the
+    saved tensors into it (the vocabulary rows included, whatever padding either layout uses).
+    Nothing else is read: no optimizer, scheduler or RNG state. Returns the checkpoint's common
+    state (``args``, ``vocab_size``, ``layout``, ``iteration``, ...).
     """
-    path = find_checkpoint(root)
-    if path is None:
-        raise CheckpointError(f"--load: {root} has no checkpoint ({POINTER} is missing)")
-    _common_state(path, vocab_size)
-    _load_model(path, chunks)
-    return path
-
-
-def _common_state(path: str, vocab_size: int) -> dict[str, Any]:
-    """The checkpoint's common state, after checking that this run's vocabulary fits its embedding."""
     common = dist_checkpointing.load_common_state_dict(path)
     if vocab_size > common["vocab_size"]:
-        raise CheckpointError(f"--tokenizer-model has {vocab_size} tokens, more than the {common['vocab_size']} "
-                              f"of the checkpoint {path}")
-    return common
-
-
-def _load_model(path: str, chunks: list[torch.nn.Module]) -> None:
-    loaded = dist_checkpointing.load(_sharded_state(chunks, None, "plain", is_loading=True), path)
+        raise CheckpointError(f"the tokenizer has {vocab_size} tokens, more than the {common['vocab_size']} of the "
+                              f"checkpoint {path}")
+    # RAISE_UNEXPECTED: a model that asks for a tensor the checkpoint lacks is the wrong model.
+    loaded = dist_checkpointing.load(_sharded_state(chunks, None, "plain", is_loading=True), path,
+                                     strict=StrictHandling.RAISE_UNEXPECTED)
     for index, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"model{index}"])
+    return common
 
 
 def _check_optimizer_format(path: str, saved: str, this_run: str, saved_layout: dict[str, int]) -> None:

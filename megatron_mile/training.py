@@ -92,7 +92,10 @@ class Trainer:
         self.state = TrainingState()
         if args.load and (args.finetune or checkpointing.holds_weights_only(args.load)):
             # Weights only: iteration 0, with this run's fresh optimizer, schedule, RNG and data position.
-            path = checkpointing.load_model_weights(args.load, self.chunks, self.vocab_size)
+            path = checkpointing.find_checkpoint(args.load)
+            if path is None:
+                raise checkpointing.CheckpointError(f"--finetune: {args.load} holds no checkpoint")
+            checkpointing.load_model_weights(path, self.chunks, self.vocab_size)
             self.optimizer.reload_model_params()
             self._log(f"loaded the model weights of {path} alone: starting at iteration 0")
         elif args.load:

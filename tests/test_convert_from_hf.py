@@ -121,7 +121,7 @@ def _megatron_logits(rank: int, world_size: int, run: str, sequences: list[list[
         runtime.initialize(tp, pp)
         model = build_model_chunks(build_transformer_config(shape, tp=tp, pp=pp), vocab, shape.seq_length, 0,
                                    torch.device("cpu"), rotary_base=shape.rotary_base)[0]
-        checkpointing.load_model_weights(run, [model], vocab)
+        checkpointing.load_model_weights(path, [model], vocab)
         model.eval()
         out[layout] = []
         with torch.no_grad():
