@@ -232,12 +232,9 @@ def load_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: Megatro
     With ``load_optimizer=False`` the optimizer keeps its fresh state, its main params
     re-read from the loaded model.
     """
-    iteration = latest_iteration(root)
-    if iteration is None:
+    path = find_checkpoint(root)
+    if path is None:
         return None
-    path = checkpoint_dir(root, iteration)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{root}/{POINTER} names iteration {iteration} but {path} is missing")
     common = dist_checkpointing.load_common_state_dict(path)
     if vocab_size > common["vocab_size"]:
         raise CheckpointError(f"--tokenizer-model has {vocab_size} tokens, more than the {common['vocab_size']} "
