@@ -28,7 +28,7 @@ LLAMA = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_att
              vocab_size=VOCAB, max_position_embeddings=64, rope_theta=500000.0, rms_norm_eps=1e-6)
 
 
-def save_llama(directory: str, **overrides) -> str:
+def save_llama(directory: str, max_shard_size: str = "5GB", **overrides) -> str:
     """A random LlamaForCausalLM with an HF tokenizer, saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,7 +40,7 @@ def save_llama(directory: str, **overrides) -> str:
                 param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
     train_hf_tokenizer(directory)
     return directory
 
@@ -241,6 +241,32 @@ def test_weight_shapes_that_contradict_the_config_are_refused(imported):
     with pytest.raises(UnsupportedLlama, match=r"model.layers.1.self_attn.k_proj.weight: shape \(64, 64\), "
                                                r"but config.json implies \(32, 64\)"):
         load_hf_tensors(wrong.__getitem__, shape, params)
+
+
+def test_sharded_safetensors_are_read(tmp_path):
+    """A model.safetensors.index.json with several shards gives the same tensors as one file."""
+    import contextlib
+
+    sys.path.insert(0, REPO)
+    from safetensors.torch import load_file
+
+    from checkpoint_conversion.convert_from_hf import tensor_reader, weight_files
+    from checkpoint_conversion.llama_mapping import load_hf_tensors, shape_from_hf_config, tensor_map, to_hf_state_dict
+
+    hf = save_llama(str(tmp_path / "hf"), max_shard_size="100KB")
+    files = weight_files(hf)
+    assert len(set(files.values())) > 1 and os.path.isfile(os.path.join(hf, "model.safetensors.index.json"))
+    with open(os.path.join(hf, "config.json")) as f:
+        shape, _ = shape_from_hf_config(json.load(f), "config.json")
+    tensors = {}
+    for file in set(files.values()):
+        tensors.update(load_file(file))
+    params = {pair.megatron[0]: torch.zeros_like(pair.fuse([tensors[name] for name in pair.hf]))
+              for pair in tensor_map(shape)}
+    with contextlib.ExitStack() as stack:
+        load_hf_tensors(tensor_reader(files, False, stack), shape, params)
+    back = to_hf_state_dict(params, shape)
+    assert sorted(back) == sorted(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
 
 
 def test_bad_input_is_refused_in_one_line(imported, tmp_path, monkeypatch, capsys):
