@@ -9,7 +9,9 @@ only restate this project are handled by ``megatron_mile.megatron_lm_flags``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from typing import Any
 
 from megatron_mile import megatron_lm_flags
 from megatron_mile.cli import ArgumentParser, DefaultsHelpFormatter
@@ -35,7 +37,8 @@ class ConfigError(ValueError):
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model's shape: a preset and the flags that override it (the trainer's and the planner's)."""
-    g = parser.add_argument_group("model")
+    g = parser.add_argument_group("model", "with --load, the checkpoint's architecture is used (a flag that "
+                                           "contradicts it is refused), and --seq-length defaults to the checkpoint's")
     g.add_argument("--model-preset", default="tiny", choices=list(PRESETS),
                    help="the paper's architectures, or a few-MB model for CPU runs")
     g.add_argument("--num-layers", type=int, help="(default: the preset's)")
@@ -45,6 +48,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-length", type=int, help="tokens per sequence (default: the preset's)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=VOCAB_PAD_MULTIPLE,
                    help="pad the embedding and output rows to a multiple of this × tensor-parallel size")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention: --num-query-groups key/value heads, each shared by "
+                        "num-attention-heads / num-query-groups query heads")
+    g.add_argument("--num-query-groups", type=int, default=1,
+                   help="key/value heads with --group-query-attention (ignored without it, as in Megatron-LM); "
+                        "must divide --num-attention-heads and be divisible by --tensor-model-parallel-size")
+    g.add_argument("--rotary-base", type=int, help="RoPE base (theta) (default: the preset's)")
+    g.add_argument("--norm-epsilon", type=float, help="RMSNorm epsilon (default: the preset's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", help="directory for checkpoints, metrics.jsonl and TensorBoard logs (default: none)")
     g.add_argument("--load", help="resume from the latest checkpoint in this directory (default: none)")
     g.add_argument("--save-interval", type=int, help="iterations between checkpoints (default: only at the end)")
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the model weights of --load and start at iteration 0 with a fresh optimizer, "
+                        "schedule, RNG and data position (e.g. from an imported Hugging Face model)")
     g.add_argument("--no-load-optim", action="store_true",
                    help="restore the model, schedule and data position, but start the optimizer state afresh")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
@@ -158,19 +172,90 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The flags ``model_shape`` reads: a checkpoint's saved values of these are its architecture.
+SHAPE_ARGS = ("model_preset", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+              "group_query_attention", "num_query_groups", "rotary_base", "norm_epsilon")
+
+
+def _shape_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ModelShape fields the flags set; None leaves the preset's."""
+    return dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+                ffn_hidden_size=args.ffn_hidden_size, seq_length=args.seq_length,
+                num_query_groups=args.num_query_groups if args.group_query_attention else None,
+                rotary_base=args.rotary_base, norm_epsilon=args.norm_epsilon)
+
+
 def model_shape(args: argparse.Namespace) -> ModelShape:
-    return resolve_shape(args.model_preset, num_layers=args.num_layers, hidden_size=args.hidden_size,
-                         num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
-                         seq_length=args.seq_length)
+    return resolve_shape(args.model_preset, **_shape_overrides(args))
+
+
+def checkpoint_shape(saved_args: dict[str, Any]) -> ModelShape:
+    """The architecture in a checkpoint's saved arguments (a flag newer than the checkpoint takes its default)."""
+    parser = build_parser()
+    return model_shape(argparse.Namespace(**{name: saved_args.get(name, parser.get_default(name))
+                                             for name in SHAPE_ARGS}))
+
+
+def adopt_checkpoint_architecture(args: argparse.Namespace, saved_args: dict[str, Any], source: str) -> None:
+    """Take the model's architecture from the checkpoint that ``--load`` names.
+
+    The weights fix every ModelShape field but the sequence length, so they are set from
+    the checkpoint, and a flag that contradicts it (or a --model-preset other than the
+    default that does) is refused. ``--seq-length`` is the checkpoint's unless given.
+    Everything else (tokenizer, data, batch, schedule, loss, layout) is this run's own.
+    """
+    saved = checkpoint_shape(saved_args)
+    given = _shape_overrides(args)
+    default_preset = build_parser().get_default("model_preset")
+    preset = resolve_shape(args.model_preset) if args.model_preset != default_preset else None
+    for field, want in _architecture(saved).items():
+        name = field.replace("_", "-")
+        if given[field] is not None:
+            value = given[field]
+            stated = f"--{name} {value}"
+        elif preset is not None:
+            value = _architecture(preset)[field]
+            stated = f"--model-preset {args.model_preset} ({name} {value})"
+        else:
+            continue
+        if value != want:
+            raise ConfigError(f"{stated} contradicts the checkpoint {source}, which has {name} {want}; "
+                              "leave it out to use the checkpoint's")
+    for name, value in shape_arguments(saved).items():
+        if name != "seq_length" or args.seq_length is None:
+            setattr(args, name, value)
+
+
+def shape_arguments(shape: ModelShape) -> dict[str, Any]:
+    """The flags that give ``shape`` on top of any preset (the inverse of ``model_shape``)."""
+    grouped = shape.query_groups != shape.num_attention_heads
+    return dict(num_layers=shape.num_layers, hidden_size=shape.hidden_size,
+                num_attention_heads=shape.num_attention_heads, ffn_hidden_size=shape.ffn_hidden_size,
+                seq_length=shape.seq_length, group_query_attention=grouped,
+                num_query_groups=shape.query_groups if grouped else build_parser().get_default("num_query_groups"),
+                rotary_base=shape.rotary_base, norm_epsilon=shape.norm_epsilon)
+
+
+def _architecture(shape: ModelShape) -> dict[str, Any]:
+    """The fields a checkpoint's weights fix (all but the sequence length); multi-head attention
+    counts as one query group per head."""
+    fixed = dataclasses.asdict(dataclasses.replace(shape, num_query_groups=shape.query_groups))
+    del fixed["seq_length"]
+    return fixed
 
 
 def checked_model_shape(args: argparse.Namespace) -> ModelShape:
-    """``model_shape`` after the checks that need no layout: positive sizes, heads dividing hidden."""
-    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length")
+    """``model_shape`` after the checks that need no layout: positive sizes, heads dividing hidden,
+    query groups dividing heads."""
+    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+              "num_query_groups", "rotary_base", "norm_epsilon")
     shape = model_shape(args)
     if shape.hidden_size % shape.num_attention_heads:
         raise ConfigError(f"--hidden-size {shape.hidden_size} is not divisible by "
                           f"--num-attention-heads {shape.num_attention_heads}")
+    if shape.num_attention_heads % shape.query_groups:
+        raise ConfigError(f"--num-attention-heads {shape.num_attention_heads} is not divisible by "
+                          f"--num-query-groups {shape.query_groups}")
     return shape
 
 
@@ -207,6 +292,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     dp = world_size // (tp * pp)
     if shape.num_attention_heads % tp:
         raise ConfigError(f"--num-attention-heads {shape.num_attention_heads} is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    if args.group_query_attention and shape.query_groups % tp:
+        raise ConfigError(f"--num-query-groups {shape.query_groups} is not divisible by "
                           f"--tensor-model-parallel-size {tp}")
     if shape.ffn_hidden_size % tp:
         raise ConfigError(f"--ffn-hidden-size {shape.ffn_hidden_size} is not divisible by "
@@ -248,6 +336,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if not os.path.exists(args.tokenizer_model):
         raise ConfigError(f"--tokenizer-model: {args.tokenizer_model} does not exist")
+    if args.finetune and not args.load:
+        raise ConfigError("--finetune needs --load (the checkpoint whose model weights to start from)")
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save")
 

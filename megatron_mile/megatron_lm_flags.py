@@ -19,7 +19,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from megatron_mile.model import INIT_STD, NORM_EPSILON, ModelShape
+from megatron_mile.model import INIT_STD, ModelShape
 
 SWITCH = object()  # the flag takes no value
 ANY = object()  # any value is accepted
@@ -57,7 +57,6 @@ FLAGS: tuple[Restated | Refused, ...] = (
     Restated("--use-mcore-models", "the model is megatron-core's GPTModel"),
     Restated("--swiglu", "the MLP is SwiGLU"),
     Restated("--normalization", "the norms are RMSNorm", "RMSNorm"),
-    Restated("--norm-epsilon", f"RMSNorm's epsilon is {NORM_EPSILON}", NORM_EPSILON, float),
     Restated("--position-embedding-type", "positions are RoPE", "rope"),
     Restated("--use-rotary-position-embeddings", "positions are RoPE"),
     Restated("--no-position-embedding", "there is no learned position table (RoPE)"),

@@ -4,11 +4,13 @@ Model FLOPs per trained token (the PaLM / Megatron convention; recomputation not
 
     6 * N  +  12 * L * s * h
 
-where N = L * (4 h^2 + 3 h f) + V h counts the weights that take part in matmuls (the
-attention projections, the SwiGLU MLP and the output layer; the embedding lookup is a
-gather), and 12 L s h is the attention score and value products (forward 4 L s h per
-token, times 3 for forward + backward). MFU = achieved model FLOP/s per GPU divided by
-the GPU's dense bf16 peak.
+where N = L * (2 h^2 + 2 h g d + 3 h f) + V h counts the weights that take part in matmuls
+(the attention projections: Q and O are h x h, K and V h x g d with g key/value groups of
+d = h / heads, so 4 h^2 without grouped-query attention; the SwiGLU MLP and the output
+layer; the embedding lookup is a gather), and 12 L s h is the attention score and value
+products (forward 4 L s h per token, times 3 for forward + backward; every query head
+still attends, so grouping does not change it). MFU = achieved model FLOP/s per GPU
+divided by the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from megatron_mile.arguments import ConfigError
-from megatron_mile.model import ModelShape
+from megatron_mile.model import ModelShape, attention_weights
 
 # Dense bf16 tensor-core peaks, FLOP/s.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -31,7 +33,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 def flops_per_token(shape: ModelShape, vocab_size: int) -> float:
     h, f, layers, s = shape.hidden_size, shape.ffn_hidden_size, shape.num_layers, shape.seq_length
-    matmul_params = layers * (4 * h * h + 3 * h * f) + vocab_size * h
+    matmul_params = layers * (attention_weights(shape) + 3 * h * f) + vocab_size * h
     return 6.0 * matmul_params + 12.0 * layers * s * h
 
 

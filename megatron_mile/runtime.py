@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import random
+import socket
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -285,6 +286,16 @@ def claim_failure(message: str | None = None) -> bool:
         return store.add("megatron_mile/error/" + hashlib.sha256(message.encode()).hexdigest(), 1) == 1
     except RuntimeError:
         return True
+
+
+def initialize_world_of_one(seed: int = 1234) -> Runtime:
+    """One process at TP = PP = 1 for offline tools (checkpoint conversion), on a free local
+    port so that a training job on the same node is left alone."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return initialize(1, 1, seed=seed)
 
 
 def shutdown() -> None:

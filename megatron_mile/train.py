@@ -24,8 +24,8 @@ if __name__ == "__mp_main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 from megatron_mile import interrupts, run_dir, runtime  # noqa: E402
-from megatron_mile.arguments import ConfigError, parse_args, validate  # noqa: E402
-from megatron_mile.checkpointing import CheckpointError, StartPlan  # noqa: E402
+from megatron_mile.arguments import ConfigError, adopt_checkpoint_architecture, parse_args, validate  # noqa: E402
+from megatron_mile.checkpointing import CheckpointError, StartPlan, find_checkpoint, saved_arguments  # noqa: E402
 from megatron_mile.data import load_blend  # noqa: E402
 from megatron_mile.data.errors import DataError  # noqa: E402
 
@@ -47,6 +47,10 @@ def preflight(args: argparse.Namespace, world_size: int) -> StartPlan:
     A failure prints one line and exits 2.
     """
     try:
+        # The checkpoint fixes the architecture, and the checks below depend on it.
+        checkpoint = find_checkpoint(args.load) if args.load else None
+        if checkpoint:
+            adopt_checkpoint_architecture(args, saved_arguments(checkpoint), checkpoint)
         validate(args, world_size=world_size)
         plan = run_dir.plan_start(args)
         load_blend(args.data_path)
@@ -56,6 +60,8 @@ def preflight(args: argparse.Namespace, world_size: int) -> StartPlan:
 
 
 def _describe(plan: StartPlan) -> str:
+    if plan.weights_only:
+        return f"starting at iteration 0 from the model weights in {plan.load}"
     if plan.load:
         return f"resuming {plan.load} at iteration {plan.iteration}"
     return plan.notice or "starting from iteration 0"

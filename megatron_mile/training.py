@@ -99,7 +99,8 @@ class Trainer:
             self.shape, tp=self.rt.tp, pp=self.rt.pp, vp=self.rt.vp, sequence_parallel=args.sequence_parallel,
             bf16=args.bf16, recompute_activations=args.recompute_activations)
         self.chunks = build_model_chunks(self.config, self.vocab_size, self.shape.seq_length, args.seed,
-                                         self.rt.device, vocab_divisible_by=args.make_vocab_size_divisible_by)
+                                         self.rt.device, vocab_divisible_by=args.make_vocab_size_divisible_by,
+                                         rotary_base=self.shape.rotary_base)
         kernels = {**optional_kernels(self.config), "optimizer": optim.adam_implementation()}
         log.info("kernels: %s", " | ".join(f"{part} {kind}" for part, kind in kernels.items()))
         self.settings = optim.OptimSettings.from_args(args)
@@ -115,7 +116,13 @@ class Trainer:
             dist.barrier()
         if self.start.notice:
             self._log(self.start.notice)
-        if self.start.load:
+        if self.start.weights_only:
+            # Iteration 0, with this run's fresh optimizer, schedule, RNG and data position.
+            path = checkpointing.find_checkpoint(self.start.load)
+            checkpointing.load_model_weights(path, self.chunks, self.vocab_size)
+            self.optimizer.reload_model_params()
+            self._log(f"loaded the model weights of {path} alone: starting at iteration 0")
+        elif self.start.load:
             self.state = checkpointing.load_checkpoint(self.start.load, self.chunks, self.optimizer, self.scheduler,
                                                        self.vocab_size, load_optimizer=not args.no_load_optim)
             self._log(f"resumed from {self.start.load} at iteration {self.state.iteration}")

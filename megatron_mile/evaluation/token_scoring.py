@@ -97,7 +97,8 @@ class RunScorer:
         self.device = device
         config = build_transformer_config(shape, tp=parallel_state.get_tensor_model_parallel_world_size(),
                                           pp=parallel_state.get_pipeline_model_parallel_world_size())
-        self.chunks = build_model_chunks(config, vocab_size, shape.seq_length, seed=0, device=device)
+        self.chunks = build_model_chunks(config, vocab_size, shape.seq_length, seed=0, device=device,
+                                         rotary_base=shape.rotary_base)
         load_model_weights(checkpoint, self.chunks, vocab_size)
         for chunk in self.chunks:
             chunk.eval()
