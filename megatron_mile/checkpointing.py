@@ -367,7 +367,8 @@ def resolve_start(args: argparse.Namespace) -> StartPlan:
         if earlier is not None:
             raise CheckpointError(f"--save {save} already holds checkpoints (latest: iteration {earlier}); resume "
                                   f"with --load {save}, or pass a new --save directory or --overwrite")
-    weights_only = iteration is not None and (args.finetune or holds_weights_only(load))
+    # Weights-only checkpoints (convert_from_hf.py's) are saved at iteration 0, where training never saves.
+    weights_only = iteration is not None and (args.finetune or (iteration == 0 and holds_weights_only(load)))
     return StartPlan(resume=load is not None and not args.finetune, load=load if iteration is not None else None,
                      iteration=0 if weights_only else iteration or 0, overwrite=args.overwrite, notice=notice,
                      weights_only=weights_only)

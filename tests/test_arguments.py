@@ -77,7 +77,7 @@ REFUSED = [
     (["--init-method-std", "0.02"], "--init-method-std 0.02 contradicts this project: weights start from N(0, 0.01)"),
     (["--max-position-embeddings", "4096"], "--max-position-embeddings 4096 contradicts this project: positions run "
                                             "up to --seq-length (--max-position-embeddings 128)"),
-    (["--norm-epsilon", "tiny"], "--norm-epsilon tiny: not a valid value"),
+    (["--norm-epsilon", "tiny"], "argument --norm-epsilon: invalid float value: 'tiny'"),
     (["--context-parallel-size", "2"], "--context-parallel-size 2 contradicts this project"),
     (["--ckpt-format", "torch"], "--ckpt-format torch contradicts this project"),
     (["--fp16"], "--fp16 is not supported: fp16 needs loss scaling, which this trainer does not do; use --bf16"),
