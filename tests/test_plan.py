@@ -231,7 +231,7 @@ def _plan(argv: list[str]):
 
 
 @pytest.mark.parametrize("script,gpus", [("pretrain_468M.sh", 16), ("pretrain_1.2B.sh", 32), ("pretrain_6.7B.sh", 128)])
-def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(script, gpus, tmp_path):
+def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(script, gpus, tmp_path, demo):
     """The launcher's defaults (DRY_RUN=1) against the planner's table: same parallel layout,
     optimizer and recomputation as one of the rows, with a micro-batch size within that row's
     near-equal range. Otherwise the header must name the planner's first choice and the layout
@@ -242,7 +242,7 @@ def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(s
     from megatron_mile.planning.planner import choices, family
     from test_launchers import REPO, _launch
 
-    proc = _launch(script, "10.0.0.1", "0", SAVE=str(tmp_path), TOKENIZER=__file__)
+    proc = _launch(script, "10.0.0.1", "0", SAVE=str(tmp_path), DATA_PATH=demo["blend"], TOKENIZER=demo["tokenizer"])
     assert proc.returncode == 0, proc.stderr
     command = shlex.split(proc.stdout)
     trainer = parse_args(command[command.index("megatron_mile.train") + 1:])

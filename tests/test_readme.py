@@ -4,7 +4,7 @@ Blocks run in the README's order, in one scratch directory that looks like a che
 repository's files linked in) with ``data/demo`` holding the tests' small corpus, tokenizer
 and blend, so a later block can use what an earlier one made (a trained run, a converted
 model). ``bash`` blocks run under ``bash -euo pipefail`` with ``python`` and ``torchrun``
-meaning this interpreter; ``python`` blocks run as scripts; ``json`` blocks must parse. A
+meaning this interpreter and its environment's console scripts on ``PATH``; ``python`` blocks run as scripts; ``json`` blocks must parse. A
 block fails the test when it exits non-zero or prints a Python warning.
 
 What cannot run here as written (a GPU, a cluster, a 468M model, the network) is changed
@@ -157,7 +157,9 @@ def test_readme_block_runs(block: Block, scratch: str, tmp_path):
     calls = str(tmp_path / "calls")
     for name in block.stubs:
         _stub(str(stubs), name, calls)
-    env = {**os.environ, "PATH": os.pathsep.join([str(stubs), os.path.join(scratch, ".readme-bin"), os.environ["PATH"]]),
+    # The console scripts (megatron-mile-*) sit beside the interpreter, as in an activated environment.
+    path = [str(stubs), os.path.join(scratch, ".readme-bin"), os.path.dirname(sys.executable), os.environ["PATH"]]
+    env = {**os.environ, "PATH": os.pathsep.join(path),
            "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            **block.env}
     env.pop("PYTHONWARNINGS", None)
