@@ -7,8 +7,12 @@ setup(
     version="0.1.0",
     description="Megatron-core pretraining with the MiLe, focal and cross-entropy losses",
     python_requires=">=3.11",
+    # tools/ installs as megatron_mile.tools, so an installed package runs them as
+    # `python -m megatron_mile.tools.preprocess_data ...` (a checkout also as `python tools/...`);
     # checkpoint_conversion: megatron-mile-eval converts checkpoints with it.
-    packages=find_packages(include=["megatron_mile", "megatron_mile.*", "checkpoint_conversion"]),
+    packages=[*find_packages(include=["megatron_mile", "megatron_mile.*", "checkpoint_conversion"]),
+              "megatron_mile.tools"],
+    package_dir={"megatron_mile.tools": "tools"},
     package_data={"megatron_mile": ["configs/*.json"]},
     install_requires=[
         # 0.16.1 is the newest megatron-core that installs on Python 3.11.

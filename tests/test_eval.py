@@ -149,7 +149,7 @@ def test_progress_shows_conversion_then_lm_eval_per_model(evaluated):
 def _megatron_logits(rank: int, world_size: int, save: str, sequences: list[list[int]]) -> list[np.ndarray]:
     from test_convert_to_hf import _megatron_logits as reference
 
-    return reference(rank, world_size, save, sequences)
+    return reference(rank, world_size, save, "float32", sequences)
 
 
 def test_tp2_pp2_conversion_matches_megatron(evaluated):

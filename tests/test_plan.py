@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from dist_utils import run_ranks
+from training_utils import optim_settings
 from megatron_mile.model import PRESETS, ModelShape
 from megatron_mile.planning import Layout, ModelSpec
 from megatron_mile.planning.activations import PAPER_GPT, in_flight_chunk_forwards, layer_activation_terms
@@ -55,7 +56,7 @@ def _allocated(cases) -> list[dict]:
         if groups:
             config = dataclasses.replace(config, num_query_groups=groups)
         chunks = mm.build_model_chunks(config, VOCAB, shape.seq_length, 3, rt.device)
-        settings = optim.OptimSettings(use_distributed_optimizer=distributed)
+        settings = optim_settings(*([] if distributed else ["--no-distributed-optimizer"]))
         if bucket_size is None:
             model = optim.wrap_data_parallel(config, chunks, settings)
         else:  # stock megatron-core DDP with a small bucket size
@@ -230,7 +231,7 @@ def _plan(argv: list[str]):
 
 
 @pytest.mark.parametrize("script,gpus", [("pretrain_468M.sh", 16), ("pretrain_1.2B.sh", 32), ("pretrain_6.7B.sh", 128)])
-def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(script, gpus, tmp_path):
+def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(script, gpus, tmp_path, demo):
     """The launcher's defaults (DRY_RUN=1) against the planner's table: same parallel layout,
     optimizer and recomputation as one of the rows, with a micro-batch size within that row's
     near-equal range. Otherwise the header must name the planner's first choice and the layout
@@ -241,7 +242,7 @@ def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(s
     from megatron_mile.planning.planner import choices, family
     from test_launchers import REPO, _launch
 
-    proc = _launch(script, "10.0.0.1", "0", SAVE=str(tmp_path), TOKENIZER=__file__)
+    proc = _launch(script, "10.0.0.1", "0", SAVE=str(tmp_path), DATA_PATH=demo["blend"], TOKENIZER=demo["tokenizer"])
     assert proc.returncode == 0, proc.stderr
     command = shlex.split(proc.stdout)
     trainer = parse_args(command[command.index("megatron_mile.train") + 1:])

@@ -30,7 +30,6 @@ first HF model's ``max_position_embeddings``.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -86,7 +85,7 @@ def check_cutoffs(cutoffs: Sequence[float]) -> tuple[float, float]:
 def _inspect_run(source: Source, vocab_size: int, tp: int, pp: int) -> _Model:
     from megatron.core import dist_checkpointing
 
-    from megatron_mile.arguments import model_shape
+    from megatron_mile.arguments import checkpoint_shape
 
     try:
         common = dist_checkpointing.load_common_state_dict(source.checkpoint)
@@ -98,8 +97,9 @@ def _inspect_run(source: Source, vocab_size: int, tp: int, pp: int) -> _Model:
         raise BucketsError(f"{source.path}: trained with a {common['vocab_size']}-token vocabulary, but "
                            f"--tokenizer-model has {vocab_size} tokens")
     args = common["args"]
-    shape = model_shape(argparse.Namespace(**args))
+    shape = checkpoint_shape(args)
     for what, value, divisor, flag in (("heads", shape.num_attention_heads, tp, "--tensor-model-parallel-size"),
+                                       ("query groups", shape.query_groups, tp, "--tensor-model-parallel-size"),
                                        ("FFN size", shape.ffn_hidden_size, tp, "--tensor-model-parallel-size"),
                                        ("layers", shape.num_layers, pp, "--pipeline-model-parallel-size")):
         if value % divisor:
@@ -375,13 +375,13 @@ def analyze_buckets(models: Sequence[str], data_path: str | Sequence[str], token
 
 def _score_model(model: _Model, vocab_size: int, datasets, plan: _Plan, bucket_of: torch.Tensor,
                  micro_batch_size: int, rt, log: Callable[[str], None]) -> dict:
-    from megatron_mile.arguments import model_shape
+    from megatron_mile.arguments import checkpoint_shape
     from megatron_mile.evaluation.token_scoring import HFScorer, RunScorer, summarize
 
     source = model.source
     if source.kind == RUN:
         log(f"{source.label}: loading {source.checkpoint} at TP {rt.tp} PP {rt.pp}")
-        scorer = RunScorer(source.checkpoint, model_shape(argparse.Namespace(**model.run_args)), vocab_size,
+        scorer = RunScorer(source.checkpoint, checkpoint_shape(model.run_args), vocab_size,
                            rt.device)
     else:
         log(f"{source.label}: loading the Hugging Face model {source.path}")

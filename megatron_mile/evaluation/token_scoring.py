@@ -97,7 +97,8 @@ class RunScorer:
         self.device = device
         config = build_transformer_config(shape, tp=parallel_state.get_tensor_model_parallel_world_size(),
                                           pp=parallel_state.get_pipeline_model_parallel_world_size())
-        self.chunks = build_model_chunks(config, vocab_size, shape.seq_length, seed=0, device=device)
+        self.chunks = build_model_chunks(config, vocab_size, shape.seq_length, seed=0, device=device,
+                                         rotary_base=shape.rotary_base)
         load_model_weights(checkpoint, self.chunks, vocab_size)
         for chunk in self.chunks:
             chunk.eval()
@@ -108,7 +109,8 @@ class RunScorer:
 
         labels = batch["labels"].to(self.device)
         # The logits are not read again: let the CE reuse their buffer.
-        ce, entropy, _ = vocab_parallel_ce_and_entropy(logits, labels, vocab_size=self.vocab_size, inplace=True)
+        terms = vocab_parallel_ce_and_entropy(logits, labels, vocab_size=self.vocab_size, inplace=True)
+        ce, entropy = terms.nll, terms.entropy
         progress.add(labels.numel())
         sums = bucket_sums(ce, entropy, bucket_of[labels], batch["loss_mask"].to(self.device))
         return ce.new_zeros(()), {"sums": sums}
