@@ -1,4 +1,5 @@
-"""The training runs of a comparison: one per loss and seed, the trainer under torchrun, resumable.
+"""The training runs of a comparison: one per loss and seed, the trainer under torchrun
+(``megatron_mile.launch``), resumable.
 
 Every run gets the same trainer arguments (data, model, budget, schedule) and differs only in
 ``--loss`` and ``--seed``; its layout (``tp``, ``pp`` or ``dp`` over ``--nproc-per-node``
@@ -134,7 +135,7 @@ def train(spec: RunSpec, run_dir: str, argv: list[str], nproc: int, train_iters:
     """Train (or resume) one run to ``train_iters``; returns its checkpoint key."""
     check_existing(run_dir, argv)
     done = finished_iteration(run_dir) if read_json(os.path.join(run_dir, RUN_FILE)) else None
-    command = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    command = [python, "-m", "megatron_mile.launch", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "megatron_mile.train", *argv]
     if done is None:
         shutil.rmtree(run_dir, ignore_errors=True)  # no checkpoint of these arguments: start afresh
