@@ -16,5 +16,8 @@ for _message, _module in (
     ("c10d::allreduce_: an autograd kernel was not registered", r"megatron\.core\."),
     (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
      r"torch\.distributed\.c10d_logger"),
+    # Loading a dist_checkpointing checkpoint: megatron-core's torch strategy still uses these APIs.
+    (r"`load_state_dict` is deprecated", r"megatron\.core\.dist_checkpointing\."),
+    ("Please use DTensor instead and we are deprecating ShardedTensor", r"torch\.distributed\.checkpoint\."),
 ):
     _warnings.filterwarnings("ignore", message=_message, module=_module)
