@@ -26,6 +26,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_mile.attention import SDPAttention
+
 INIT_STD = 0.01
 VOCAB_PAD_MULTIPLE = 128
 
@@ -141,14 +143,17 @@ class LocalRMSNorm(torch.nn.RMSNorm):
 
 def block_spec(config: TransformerConfig, vp_stage: int | None):
     """The decoder spec: Transformer Engine's layers (fused kernels, flash attention) on CUDA
-    when installed, otherwise megatron-core's local layers with ``LocalRMSNorm``."""
+    when installed, otherwise megatron-core's local layers with ``LocalRMSNorm`` and
+    ``SDPAttention`` (torch's fused attention kernels) as the core attention."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    attention = layer.submodules.self_attention
+    attention = replace(attention, submodules=replace(attention.submodules, core_attention=SDPAttention))
     layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=LocalRMSNorm,
-                                              pre_mlp_layernorm=LocalRMSNorm))
+                                              self_attention=attention, pre_mlp_layernorm=LocalRMSNorm))
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=LocalRMSNorm)
 
