@@ -34,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", dest="use_distributed_optimizer", action="store_true",
-                   default=True, help="shard optimizer state over DP (ZeRO-1); the default")
+                   default=None, help="shard optimizer state over DP (ZeRO-1). Without either flag: the "
+                   "distributed optimizer when DP > 1, the regular one at DP=1, and when resuming optimizer "
+                   "state, the optimizer that saved it")
     g.add_argument("--no-distributed-optimizer", dest="use_distributed_optimizer", action="store_false",
-                   help="megatron-core's regular optimizer, with full optimizer state on every DP rank")
+                   default=None, help="megatron-core's regular optimizer, with full optimizer state on every DP rank")
     g.add_argument("--recompute-activations", action="store_true")
 
     g = p.add_argument_group("batch and length")
@@ -152,7 +154,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     if args.lr_warmup_iters >= decay_iters:
         raise ConfigError(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the decay length "
                           f"{decay_iters} (--lr-decay-iters, default --train-iters)")
-    if args.dist_ckpt_optim_fully_reshardable and args.use_distributed_optimizer and not fused_adam_available():
+    distributed = args.use_distributed_optimizer if args.use_distributed_optimizer is not None else dp > 1
+    if args.dist_ckpt_optim_fully_reshardable and distributed and not fused_adam_available():
         raise ConfigError("--dist-ckpt-optim-fully-reshardable needs apex or Transformer Engine: megatron-core "
                           "0.16.1 cannot reload that format into torch's Adam")
     if args.mile_gamma < 0:

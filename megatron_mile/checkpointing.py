@@ -72,6 +72,14 @@ def latest_iteration(root: str) -> int | None:
     return int(text)
 
 
+def saved_optimizer_format(root: str) -> str | None:
+    """The optimizer format of the latest complete checkpoint under ``root`` (None: none yet)."""
+    iteration = latest_iteration(root)
+    if iteration is None or not os.path.isdir(checkpoint_dir(root, iteration)):
+        return None
+    return dist_checkpointing.load_common_state_dict(checkpoint_dir(root, iteration)).get("optimizer_format", "plain")
+
+
 def _layout() -> dict[str, int]:
     return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
             "pp": parallel_state.get_pipeline_model_parallel_world_size()}

@@ -14,6 +14,7 @@ they are identical.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from functools import partial
@@ -32,6 +33,8 @@ from megatron_mile.loss import weighted_lm_loss
 from megatron_mile.model import build_model_chunks, build_transformer_config, count_parameters, padded_vocab_size
 
 STAT_KEYS = ("loss", "ce", "entropy", "alpha")
+
+log = logging.getLogger(__name__)
 
 
 class TrainingAborted(RuntimeError):
@@ -81,11 +84,15 @@ class Trainer:
             bf16=args.bf16, recompute_activations=args.recompute_activations)
         self.chunks = build_model_chunks(self.config, self.vocab_size, self.shape.seq_length, args.seed,
                                          self.rt.device)
+        saved_format = checkpointing.saved_optimizer_format(args.load) if args.load and not args.no_load_optim else None
+        distributed, note = optim.choose_distributed_optimizer(args.use_distributed_optimizer, self.rt.dp, saved_format)
+        if note and self.rt.is_logging_rank:
+            log.info(note)
         self.settings = optim.OptimSettings(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
             lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
-            lr_decay_style=args.lr_decay_style, use_distributed_optimizer=args.use_distributed_optimizer)
+            lr_decay_style=args.lr_decay_style, use_distributed_optimizer=distributed)
         self.model = optim.wrap_data_parallel(self.config, self.chunks, self.settings)
         self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
         self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)
