@@ -58,7 +58,8 @@ def main() -> None:
                          max_position_embeddings=shape.seq_length, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          initializer_range=0.01, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device).train()
+    with device:  # initialised where it trains
+        model = LlamaForCausalLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   fused=device.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()

@@ -1,24 +1,27 @@
 """Where a training step's time goes: ``Trainer.train_step`` timed and profiled in one process.
 
     python benchmarks/step_profile.py                                  # median step time
-    python benchmarks/step_profile.py --profile 5                      # + torch profiler table
-    python benchmarks/step_profile.py --against --no-distributed-optimizer
-    python benchmarks/step_profile.py --against-schedule-in-torch-function-mode
+    python benchmarks/step_profile.py --profile 3                      # + torch profiler table
+    python benchmarks/step_profile.py --baseline-flags=--use-distributed-optimizer
+    python benchmarks/step_profile.py --baseline-dot-product-attention --baseline-schedule-in-torch-function-mode
     python benchmarks/step_profile.py -- --loss ce --seq-length 1024   # trainer flags after --
 
 The model is the Hugging Face comparison's shape (``train_bench.py --against-hf``: hidden
 256, 4 layers, 4 heads, FFN 704, sequence 256, micro-batch 4) on the demo corpus, one
 process on gloo; trainer flags after ``--`` override it. Step times are wall-clock and
-process CPU time; on a shared machine the CPU time with ``--threads 1`` is the steadier one. With a baseline arm
-(``--against FLAGS``: a second trainer built with those extra flags, or the schedule run
-under the CPU layer's torch-function mode, as megatron-mile once did) the two arms alternate
-in blocks of steps in the same process, and the report is each arm's median step time and
-their ratio.
+process CPU time; on a shared machine the CPU time with ``--threads 1`` is the steadier one.
+
+A baseline arm is a second trainer in the same process, built with any of: extra trainer
+flags (``--baseline-flags``), megatron-core's ``DotProductAttention`` as the core attention,
+and the pipeline schedule run under the CPU layer's torch-function mode (which that layer
+keeps for a few small helpers). The two arms alternate in blocks of steps, and the report is
+each arm's median step time and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -31,11 +34,20 @@ sys.path.insert(0, REPO)
 from benchmarks.train_bench import HF_SHAPE_FLAGS, prepare_demo  # noqa: E402
 
 
-def _trainer(flags: list[str]):
+def _trainer(flags: list[str], dot_product_attention: bool = False):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_mile import model
     from megatron_mile.arguments import parse_args
     from megatron_mile.training import Trainer
 
-    return Trainer(parse_args(flags))
+    block_spec = model.block_spec
+    if dot_product_attention:
+        model.block_spec = functools.partial(block_spec, core_attention=DotProductAttention)
+    try:
+        return Trainer(parse_args(flags))
+    finally:
+        model.block_spec = block_spec
 
 
 def _schedule_in_torch_function_mode() -> Callable[[], None]:
@@ -81,9 +93,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="profile this many steps per arm")
     p.add_argument("--rows", type=int, default=20, help="profiler table rows")
-    arm = p.add_mutually_exclusive_group()
-    arm.add_argument("--against", nargs=argparse.REMAINDER, help="baseline: a trainer with these extra flags")
-    arm.add_argument("--against-schedule-in-torch-function-mode", action="store_true")
+    p.add_argument("--baseline-flags", type=str.split, default=[], help="baseline: these extra trainer flags")
+    p.add_argument("--baseline-dot-product-attention", action="store_true",
+                   help="baseline: megatron-core's DotProductAttention as the core attention")
+    p.add_argument("--baseline-schedule-in-torch-function-mode", action="store_true")
     p.add_argument("--data-dir", default=os.path.join(REPO, "data", "demo"))
     args = p.parse_args(own)
 
@@ -94,10 +107,12 @@ def main() -> None:
     base_flags = [*HF_SHAPE_FLAGS, "--train-iters", "100000", "--lr-warmup-iters", "1", "--data-path", blend,
                   "--tokenizer-model", tokenizer, "--eval-iters", "1", *trainer_flags]
     arms: dict[str, tuple[object, Callable | None]] = {"this": (_trainer(base_flags), None)}
-    if args.against:
-        arms["baseline"] = (_trainer(base_flags + args.against), None)
-    elif args.against_schedule_in_torch_function_mode:
-        arms["baseline"] = (arms["this"][0], _schedule_in_torch_function_mode)
+    baseline = [*args.baseline_flags, *(["DotProductAttention"] if args.baseline_dot_product_attention else []),
+                *(["schedule in torch-function mode"] if args.baseline_schedule_in_torch_function_mode else [])]
+    if baseline:
+        arms["baseline"] = (_trainer(base_flags + args.baseline_flags, args.baseline_dot_product_attention),
+                            _schedule_in_torch_function_mode if args.baseline_schedule_in_torch_function_mode
+                            else None)
 
     for trainer, before in arms.values():
         _timed_steps(trainer, args.warmup, before)
@@ -108,8 +123,7 @@ def main() -> None:
 
     print(f"load average {os.getloadavg()[0]:.1f}, {args.threads} threads, flags: {' '.join(base_flags)}")
     medians = {name: [statistics.median(step[i] for step in t) for i in (0, 1)] for name, t in times.items()}
-    labels = {"this": "this", "baseline": "baseline (" + (" ".join(args.against) if args.against
-                                                          else "schedule in torch-function mode") + ")"}
+    labels = {"this": "this", "baseline": f"baseline ({', '.join(baseline)})"}
     for name, (wall, cpu) in medians.items():
         print(f"{labels[name]}: median step {1000 * wall:.1f} ms wall, {1000 * cpu:.1f} ms CPU "
               f"over {len(times[name])} steps")

@@ -141,17 +141,18 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def block_spec(config: TransformerConfig, vp_stage: int | None):
+def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: type = SDPAttention):
     """The decoder spec: Transformer Engine's layers (fused kernels, flash attention) on CUDA
     when installed, otherwise megatron-core's local layers with ``LocalRMSNorm`` and
-    ``SDPAttention`` (torch's fused attention kernels) as the core attention."""
+    ``core_attention``: ``SDPAttention`` (torch's fused attention kernels), or for comparisons
+    megatron-core's ``DotProductAttention``."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
     attention = layer.submodules.self_attention
-    attention = replace(attention, submodules=replace(attention.submodules, core_attention=SDPAttention))
+    attention = replace(attention, submodules=replace(attention.submodules, core_attention=core_attention))
     layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=LocalRMSNorm,
                                               self_attention=attention, pre_mlp_layernorm=LocalRMSNorm))
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),

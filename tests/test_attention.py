@@ -26,18 +26,12 @@ CASES = {
 
 def _loss_and_grads(config, core_attention, tokens, labels) -> tuple[float, dict[str, np.ndarray]]:
     import torch
-    from dataclasses import replace
-
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
     from megatron_mile import model as mm
 
-    block = mm.block_spec(config, None)
-    attention = block.layer_specs[0].submodules.self_attention
-    attention = replace(attention, submodules=replace(attention.submodules, core_attention=core_attention))
-    layer = replace(block.layer_specs[0], submodules=replace(block.layer_specs[0].submodules, self_attention=attention))
-    model = GPTModel(config=config, transformer_layer_spec=replace(block, layer_specs=[layer] * len(block.layer_specs)),
+    model = GPTModel(config=config, transformer_layer_spec=mm.block_spec(config, None, core_attention),
                      vocab_size=VOCAB, max_sequence_length=SEQ, parallel_output=True,
                      share_embeddings_and_output_weights=False, position_embedding_type="rope")
     mm.initialize_weights(model, seed=3, vocab_size=VOCAB)
