@@ -159,6 +159,22 @@ def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: 
                                       layer_norm=LocalRMSNorm)
 
 
+class LoopLossGPTModel(GPTModel):
+    """megatron-core's GPTModel for a loss computed in the training loop: given ``labels``, the
+    last stage returns its logits as the output layer made them, ``[s, b, V/tp]``.
+
+    Without labels GPTModel transposes the logits to ``[b, s, V/tp]`` with a copy, and that
+    transpose's backward costs two more in the output layer (its input-gradient matmul and its
+    weight gradient each want a contiguous ``[s, b, V/tp]`` gradient): three logits-sized
+    copies per micro-batch. With labels it hands the logits to ``compute_language_model_loss``,
+    which here passes them on; the loop's loss takes labels and mask as ``[s, b]``. Called
+    without labels the model behaves exactly as GPTModel (``[b, s, V/tp]``).
+    """
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
 def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: int, seed: int,
                        device: torch.device) -> list[GPTModel]:
     """This rank's GPTModel chunks (one, or one per virtual stage with interleaving)."""
@@ -167,7 +183,7 @@ def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: i
     chunks = []
     for vp_stage in range(vp or 1):
         stage = vp_stage if vp else None
-        model = GPTModel(
+        model = LoopLossGPTModel(
             config=config,
             transformer_layer_spec=block_spec(config, stage),
             vocab_size=padded_vocab_size(vocab_size, tp),

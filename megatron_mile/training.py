@@ -148,9 +148,12 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        logits = model(batch["tokens"].to(self.rt.device), batch["position_ids"].to(self.rt.device), None)
-        return logits, partial(self._loss_func, batch["labels"].to(self.rt.device),
-                               batch["loss_mask"].to(self.rt.device))
+        labels = batch["labels"].to(self.rt.device)
+        # Given labels, the model returns [s, b, V/tp] logits without a transposing copy
+        # (model.LoopLossGPTModel): the loss takes labels and mask in that order too.
+        logits = model(batch["tokens"].to(self.rt.device), batch["position_ids"].to(self.rt.device), None,
+                       labels=labels)
+        return logits, partial(self._loss_func, labels.t(), batch["loss_mask"].to(self.rt.device).t())
 
     def _run_schedule(self, batches: list[dict[str, torch.Tensor]], forward_only: bool) -> dict[str, float]:
         """Forward (and backward) over the micro-batches; stats averaged over micro-batches and DP."""
@@ -180,8 +183,10 @@ class Trainer:
         flag = torch.tensor([float(loss_finite)], device=self.rt.device)
         for ddp in self.model:
             for buffer in ddp.buffers:
-                # Stays on the device: one host sync for the whole check, in the all-reduce.
-                flag.mul_(torch.isfinite(buffer.grad_data).all())
+                # A buffer is finite iff its min and max are (NaN propagates into both): one
+                # pass without temporaries, where isfinite() makes several. It stays on the
+                # device: one host sync for the whole check, in the all-reduce.
+                flag.mul_(torch.isfinite(torch.stack(torch.aminmax(buffer.grad_data))).all())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
