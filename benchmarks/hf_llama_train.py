@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -35,6 +36,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.loss_bench import original_mile  # noqa: E402
 from megatron_mile.metrics import flops_per_token, peak_flops  # noqa: E402
 from megatron_mile.model import ModelShape  # noqa: E402
+
+
+def build_step(loss: str, shape: ModelShape, vocab_size: int, micro_batch_size: int, bf16: bool,
+               device: torch.device) -> Callable[[], None]:
+    """One training iteration of Hugging Face's LlamaForCausalLM at ``shape``, as a function."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.hidden_size,
+                         intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
+                         num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_attention_heads,
+                         max_position_embeddings=shape.seq_length, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         initializer_range=0.01, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with device:  # initialised where it trains
+        model = LlamaForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                  fused=device.type == "cuda")
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.ones(micro_batch_size * shape.seq_length, device=device)
+
+    def step() -> None:
+        tokens = torch.randint(0, vocab_size, (micro_batch_size, shape.seq_length + 1), generator=generator)
+        inputs, labels = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            if loss == "ce":
+                # The model shifts labels itself: give it the inputs as labels.
+                value = model(input_ids=inputs, labels=inputs).loss
+            else:
+                logits = model(input_ids=inputs).logits
+                value = original_mile(logits.reshape(-1, vocab_size), labels.reshape(-1), mask)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def main() -> None:
@@ -46,41 +83,11 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     args = p.parse_args()
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = ModelShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
                        num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
                        seq_length=args.seq_length)
-    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=shape.hidden_size,
-                         intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
-                         num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_attention_heads,
-                         max_position_embeddings=shape.seq_length, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         initializer_range=0.01, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with device:  # initialised where it trains
-        model = LlamaForCausalLM(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                                  fused=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-    generator = torch.Generator().manual_seed(1)
-    mask = torch.ones(args.micro_batch_size * args.seq_length, device=device)
-
-    def step() -> None:
-        tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1),
-                               generator=generator).to(device)
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        with autocast:
-            if args.loss == "ce":
-                # The model shifts labels itself: give it the inputs as labels.
-                loss = model(input_ids=inputs, labels=inputs).loss
-            else:
-                logits = model(input_ids=inputs).logits
-                loss = original_mile(logits.reshape(-1, args.vocab_size), labels.reshape(-1), mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = build_step(args.loss, shape, args.vocab_size, args.micro_batch_size, args.bf16, device)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -4,7 +4,7 @@
     python benchmarks/step_profile.py --profile 3                      # + torch profiler table
     python benchmarks/step_profile.py --baseline-flags=--use-distributed-optimizer
     python benchmarks/step_profile.py --baseline-dot-product-attention --baseline-schedule-in-torch-function-mode
-    python benchmarks/step_profile.py -- --loss ce --seq-length 1024   # trainer flags after --
+    python benchmarks/step_profile.py --baseline-hf -- --loss ce --seq-length 1024   # trainer flags after --
 
 The model is the Hugging Face comparison's shape (``train_bench.py --against-hf``: hidden
 256, 4 layers, 4 heads, FFN 704, sequence 256, micro-batch 4) on the demo corpus, one
@@ -14,8 +14,10 @@ process CPU time; on a shared machine the CPU time with ``--threads 1`` is the s
 A baseline arm is a second trainer in the same process, built with any of: extra trainer
 flags (``--baseline-flags``), megatron-core's ``DotProductAttention`` as the core attention,
 and the pipeline schedule run under the CPU layer's torch-function mode (which that layer
-keeps for a few small helpers). The two arms alternate in blocks of steps, and the report is
-each arm's median step time and their ratio.
+keeps for a few small helpers); or, with ``--baseline-hf``, Hugging Face's LlamaForCausalLM
+at the same shape, loss and micro-batch (``hf_llama_train.py``). The two arms alternate in
+blocks of steps, and the report is each arm's median step time and their ratio: on a busy
+machine a steadier comparison than ``train_bench.py``'s separate processes.
 """
 
 from __future__ import annotations
@@ -66,7 +68,17 @@ def _schedule_in_torch_function_mode() -> Callable[[], None]:
     return lambda: setattr(schedules, "forward_backward_no_pipelining", original)
 
 
-def _timed_steps(trainer, steps: int, before: Callable[[], Callable[[], None]] | None = None,
+def _hf_step(trainer) -> Callable[[], None]:
+    """Hugging Face's LlamaForCausalLM at the trainer's shape, loss, micro-batch and vocabulary."""
+    from benchmarks.hf_llama_train import build_step
+
+    if trainer.args.loss not in ("ce", "mile") or trainer.num_microbatches != 1:
+        sys.exit("step_profile: --baseline-hf needs --loss ce or mile and --global-batch-size = --micro-batch-size")
+    return build_step(trainer.args.loss, trainer.shape, trainer.vocab_size, trainer.args.micro_batch_size,
+                      trainer.args.bf16, trainer.rt.device)
+
+
+def _timed_steps(step: Callable[[], object], steps: int, before: Callable[[], Callable[[], None]] | None = None,
                  ) -> list[tuple[float, float]]:
     """(wall, process CPU) seconds of each step."""
     undo = before() if before else None
@@ -74,7 +86,7 @@ def _timed_steps(trainer, steps: int, before: Callable[[], Callable[[], None]] |
     try:
         for _ in range(steps):
             wall, cpu = time.perf_counter(), time.process_time()
-            trainer.train_step()
+            step()
             times.append((time.perf_counter() - wall, time.process_time() - cpu))
     finally:
         if undo:
@@ -97,6 +109,8 @@ def main() -> None:
     p.add_argument("--baseline-dot-product-attention", action="store_true",
                    help="baseline: megatron-core's DotProductAttention as the core attention")
     p.add_argument("--baseline-schedule-in-torch-function-mode", action="store_true")
+    p.add_argument("--baseline-hf", action="store_true",
+                   help="baseline: Hugging Face's LlamaForCausalLM (benchmarks/hf_llama_train.py) instead")
     p.add_argument("--data-dir", default=os.path.join(REPO, "data", "demo"))
     args = p.parse_args(own)
 
@@ -106,20 +120,24 @@ def main() -> None:
     blend, tokenizer = prepare_demo(args.data_dir)
     base_flags = [*HF_SHAPE_FLAGS, "--train-iters", "100000", "--lr-warmup-iters", "1", "--data-path", blend,
                   "--tokenizer-model", tokenizer, "--eval-iters", "1", *trainer_flags]
-    arms: dict[str, tuple[object, Callable | None]] = {"this": (_trainer(base_flags), None)}
+    trainer = _trainer(base_flags)
+    arms: dict[str, tuple[Callable[[], object], Callable | None]] = {"this": (trainer.train_step, None)}
     baseline = [*args.baseline_flags, *(["DotProductAttention"] if args.baseline_dot_product_attention else []),
                 *(["schedule in torch-function mode"] if args.baseline_schedule_in_torch_function_mode else [])]
-    if baseline:
-        arms["baseline"] = (_trainer(base_flags + args.baseline_flags, args.baseline_dot_product_attention),
+    if args.baseline_hf:
+        baseline = ["Hugging Face LlamaForCausalLM, SDPA, AdamW"]
+        arms["baseline"] = (_hf_step(trainer), None)
+    elif baseline:
+        arms["baseline"] = (_trainer(base_flags + args.baseline_flags, args.baseline_dot_product_attention).train_step,
                             _schedule_in_torch_function_mode if args.baseline_schedule_in_torch_function_mode
                             else None)
 
-    for trainer, before in arms.values():
-        _timed_steps(trainer, args.warmup, before)
+    for step, before in arms.values():
+        _timed_steps(step, args.warmup, before)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
     while any(len(t) < args.steps for t in times.values()):
-        for name, (trainer, before) in arms.items():
-            times[name] += _timed_steps(trainer, min(args.block, args.steps - len(times[name])), before)
+        for name, (step, before) in arms.items():
+            times[name] += _timed_steps(step, min(args.block, args.steps - len(times[name])), before)
 
     print(f"load average {os.getloadavg()[0]:.1f}, {args.threads} threads, flags: {' '.join(base_flags)}")
     medians = {name: [statistics.median(step[i] for step in t) for i in (0, 1)] for name, t in times.items()}
@@ -134,11 +152,11 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for name, (trainer, before) in arms.items():
+        for name, (step, before) in arms.items():
             undo = before() if before else None
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(args.profile):
-                    trainer.train_step()
+                    step()
             if undo:
                 undo()
             print(f"\n### {name}: {args.profile} steps, by self CPU time")

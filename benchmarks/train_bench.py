@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The side-by-side shape (the demo tokenizer gives the vocabulary: 4096).
@@ -200,6 +201,8 @@ def mile_vs_ce(args: argparse.Namespace, blend: str, tokenizer: str) -> None:
 
 
 def against_hf(args: argparse.Namespace, blend: str, tokenizer: str) -> None:
+    # megatron-core warns at import about CUDA extensions that this process does not use.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).* not installed")
     from megatron_mile.data import build_tokenizer
 
     vocab_size = build_tokenizer(tokenizer, None).vocab_size
