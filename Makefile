@@ -28,7 +28,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/loss_bench.py
 
-# Wheels a lent GPU (Python 3.12, torch, no megatron-core) needs for benchmarks/gpu_session.sh.
+# megatron-core 0.16.1 and zstandard as Python 3.12 wheels in .whl/, for a GPU machine that has torch
+# but not these and cannot download: benchmarks/gpu_smoke.sh installs them from there (--wheel-dir).
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

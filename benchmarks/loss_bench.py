@@ -15,18 +15,20 @@ drops the gradient, as the output layer would consume it, so a gradient buffer c
 lives; each repetition starts from a fresh copy of the same logits.
 
 Time: median over ``--repeats`` of the wall time of forward+backward on rank 0, all cases
-interleaved in one process group per TP size (after one warm-up round), a barrier before each.
+interleaved in one process group per TP size (after one warm-up round), a barrier before each
+when TP > 1. A rank that dies fails the benchmark at once (exit 1, one line naming the rank).
 
 On CUDA the clock stops after ``torch.cuda.synchronize()``, and the peak extra memory is
 ``max_memory_allocated()`` across one forward+backward minus what was allocated before it,
-divided by the bytes of the logits (the caching allocator's view: live tensors only).
+divided by the bytes of the logits (the caching allocator's view: live tensors only); one process
+measures both.
 
-CPU memory: each case runs in a fresh process group started with ``MALLOC_MMAP_THRESHOLD_=65536``,
-so every buffer above 64 KiB is its own mmap and goes back to the OS when freed. After a warm-up
-call, ``/proc/self/clear_refs`` (``5``) resets the high-water mark and the peak extra memory is
-``VmHWM - VmRSS`` across one forward+backward, i.e. pages really touched, divided by the bytes of
-this rank's logits (the maximum over ranks). This needs Linux; it counts every allocation, not
-only torch tensors, and rounds to pages.
+CPU memory: the cases run one after the other in a second process group, started with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that every buffer above 64 KiB is its own mmap and goes back to
+the OS when freed. For each case, after a warm-up call, ``/proc/self/clear_refs`` (``5``) resets the
+high-water mark and the peak extra memory is ``VmHWM - VmRSS`` across one forward+backward, i.e.
+pages really touched, divided by the bytes of this rank's logits (the maximum over ranks). This
+needs Linux; it counts every allocation, not only torch tensors, and rounds to pages.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
+import queue
 import re
 import statistics
 import subprocess
@@ -125,8 +128,43 @@ def peak_extra_rss(harness: LogitsHarness, fn) -> float:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _time_cases(harness: LogitsHarness, fns: dict, repeats: int, cuda: bool) -> dict[str, float]:
+    """Median forward+backward seconds per case, the cases interleaved, after one warm-up round."""
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    times: dict[str, list[float]] = {case: [] for case in fns}
+    for rep in range(repeats + 1):  # round 0 is a warm-up
+        for case, fn in fns.items():
+            harness.buffer.copy_(harness.source)
+            sync()
+            if dist.get_world_size() > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            harness.run(fn)
+            sync()
+            if rep:
+                times[case].append(time.perf_counter() - start)
+    return {case: statistics.median(ts) for case, ts in times.items()}
+
+
+def _cuda_peak_extra(harness: LogitsHarness, fns: dict) -> dict[str, float]:
+    """Peak allocated bytes above the start across one forward+backward, over the logits' bytes."""
+    out = {}
+    for case, fn in fns.items():
+        harness.buffer.copy_(harness.source)
+        harness.run(fn)  # warm-up
+        harness.buffer.copy_(harness.source)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        harness.run(fn)
+        torch.cuda.synchronize()
+        out[case] = (torch.cuda.max_memory_allocated() - base) / harness.buffer.nbytes
+    return out
+
+
 def _worker(rank: int, tp: int, store: str, mode: str, cases: list[str], args: argparse.Namespace,
             results) -> None:
+    """One rank: ``mode`` "time", "memory" or (on CUDA, where memory needs no special process) "both"."""
     torch.set_num_threads(1)
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=tp)
@@ -134,48 +172,35 @@ def _worker(rank: int, tp: int, store: str, mode: str, cases: list[str], args: a
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     harness = LogitsHarness(args.rows, args.vocab, tp, rank, args.device, DTYPES[args.dtype])
-    sync = torch.cuda.synchronize if cuda else lambda: None
     fns = {case: loss_fn(case) for case in cases}
-    out: dict[str, object] = {}
-    if mode == "time":
-        times: dict[str, list[float]] = {case: [] for case in cases}
-        for rep in range(args.repeats + 1):  # round 0 is a warm-up
-            for case in cases:
-                harness.buffer.copy_(harness.source)
-                sync()
-                dist.barrier()
-                start = time.perf_counter()
-                harness.run(fns[case])
-                sync()
-                if rep:
-                    times[case].append(time.perf_counter() - start)
-        out = {case: statistics.median(ts) for case, ts in times.items()}
-    elif cuda:
-        for case in cases:
-            harness.buffer.copy_(harness.source)
-            harness.run(fns[case])  # warm-up
-            harness.buffer.copy_(harness.source)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            harness.run(fns[case])
-            torch.cuda.synchronize()
-            out[case] = (torch.cuda.max_memory_allocated() - base) / harness.buffer.nbytes
-    else:
-        (case,) = cases
-        out = {case: peak_extra_rss(harness, fns[case])}
+    out: dict[str, dict[str, float]] = {}
+    if mode in ("time", "both"):
+        out["time"] = _time_cases(harness, fns, args.repeats, cuda)
+    if mode in ("memory", "both"):
+        out["memory"] = (_cuda_peak_extra(harness, fns) if cuda
+                         else {case: peak_extra_rss(harness, fn) for case, fn in fns.items()})
     results.put((rank, out))
     dist.destroy_process_group()
 
 
-def spawn(tp: int, mode: str, cases: list[str], args: argparse.Namespace) -> list[dict[str, float]]:
+class WorkerFailed(RuntimeError):
+    pass
+
+
+def spawn(tp: int, mode: str, cases: list[str], args: argparse.Namespace,
+          target: Callable = _worker) -> list[dict[str, dict[str, float]]]:
+    """Run ``target`` on ``tp`` fresh ranks and return their results, in rank order.
+
+    A rank that dies (a crash, an out-of-memory kill) fails the run within about a second, with the
+    other ranks killed, instead of leaving them waiting in a collective for the missing one.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    if mode == "memory":
+    if mode == "memory" and args.device == "cpu":
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, tp, os.path.join(tmp, "store"), mode, cases, args, results))
+        procs = [ctx.Process(target=target, args=(r, tp, os.path.join(tmp, "store"), mode, cases, args, results))
                  for r in range(tp)]
         for p in procs:
             p.start()
@@ -183,9 +208,27 @@ def spawn(tp: int, mode: str, cases: list[str], args: argparse.Namespace) -> lis
             os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
-        outs = dict(results.get(timeout=1800) for _ in procs)
-        for p in procs:
-            p.join()
+        outs = {}
+        try:
+            while len(outs) < tp:
+                try:
+                    rank, out = results.get(timeout=1.0)
+                except queue.Empty:
+                    dead = [(r, p.exitcode) for r, p in enumerate(procs) if r not in outs and p.exitcode is not None]
+                    if not dead:
+                        continue
+                    try:  # a rank exits right after its put: its result may still be in the pipe
+                        rank, out = results.get(timeout=1.0)
+                    except queue.Empty:
+                        rank, code = dead[0]
+                        raise WorkerFailed(f"rank {rank} of the TP={tp} {mode} run exited with code {code} "
+                                           "without a result (its error, if any, is above)") from None
+                outs[rank] = out
+        finally:
+            for p in procs:
+                if len(outs) < tp:
+                    p.kill()
+                p.join()
     return [outs[r] for r in range(tp)]
 
 
@@ -212,14 +255,19 @@ def main() -> None:
         args.tp = [1]  # one GPU
 
     table: dict[int, dict[str, tuple[float, float]]] = {}
-    for tp in args.tp:
-        cases = [c for c in CASES if tp == 1 or c != "original_mile"]
-        times = spawn(tp, "time", cases, args)[0]
-        if args.device == "cuda":
-            memory = spawn(tp, "memory", cases, args)[0]
-        else:
-            memory = {case: max(r[case] for r in spawn(tp, "memory", [case], args)) for case in cases}
-        table[tp] = {case: (times[case], memory[case]) for case in cases}
+    try:
+        for tp in args.tp:
+            cases = [c for c in CASES if tp == 1 or c != "original_mile"]
+            if args.device == "cuda":  # the caching allocator's statistics need no process of their own
+                out = spawn(tp, "both", cases, args)[0]
+                times, memory = out["time"], out["memory"]
+            else:  # separate process groups: the memory one runs with MALLOC_MMAP_THRESHOLD_
+                times = spawn(tp, "time", cases, args)[0]["time"]
+                ranks = spawn(tp, "memory", cases, args)
+                memory = {case: max(r["memory"][case] for r in ranks) for case in cases}
+            table[tp] = {case: (times[case], memory[case]) for case in cases}
+    except WorkerFailed as exc:
+        sys.exit(f"loss_bench: {exc}")
 
     machine = (f"GPU: {torch.cuda.get_device_name()}" if args.device == "cuda"
                else f"CPU: {cpu_model()}, {os.cpu_count()} cores, 1 thread per rank")

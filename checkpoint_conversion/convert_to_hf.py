@@ -9,6 +9,8 @@ iter_NNNNNNN directory. The model is rebuilt at TP=1 PP=1 in this one process (g
 world of 1, on the CPU) and megatron-core dist_checkpointing reshards the saved tensors
 into it; the optimizer state is not read. Output: config.json, safetensors weights (true
 vocabulary rows only) and the run's tokenizer, written to OUTPUT.tmp and renamed at the end.
+
+From Python: ``convert_checkpoint(checkpoint_dir, output)`` (what megatron-mile-eval calls).
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import sys
 import warnings
 
@@ -26,6 +26,8 @@ warnings.filterwarnings("ignore", module=r"megatron\.core")  # Apex/TE fallbacks
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_DTYPE = "auto"
+DEFAULT_MAX_SHARD_SIZE_GB = 5.0
 
 
 class ConversionError(ValueError):
@@ -33,14 +35,19 @@ class ConversionError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_mile.cli import ArgumentParser
+    from megatron_mile.data.tokenizer import TOKENIZER_TYPE_HELP, tokenizer_type_argument
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="the run's --save directory, or one iter_NNNNNNN directory")
     p.add_argument("--iteration", type=int, help="default: latest_checkpointed_iteration.txt")
     p.add_argument("--output", required=True, help="Hugging Face model directory to create")
     p.add_argument("--tokenizer-model", help="default: the run's --tokenizer-model (SentencePiece file or HF dir)")
-    p.add_argument("--tokenizer-type", choices=["sentencepiece", "huggingface"])
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 for --bf16 runs, else float32")
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="safetensors shard size")
+    p.add_argument("--tokenizer-type", type=tokenizer_type_argument,
+                   help=TOKENIZER_TYPE_HELP.replace("(default: inferred", "(default: the run's, or inferred"))
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES,
+                   help="auto: bfloat16 for --bf16 runs, else float32")
+    p.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_SIZE_GB, help="safetensors shard size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p
 
@@ -66,30 +73,22 @@ def resolve_checkpoint(load: str, iteration: int | None) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load_full_state(path: str):
     """Rebuild the run's model at TP=1 PP=1 and load the checkpoint into it.
 
-    Returns the model state dict, the run's args dict, the true vocab size, the model shape
-    and the number of query groups.
+    Returns the model state dict, the run's args dict, the true vocab size and the model shape.
     """
     import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_mile import runtime
-    from megatron_mile.arguments import model_shape
-    from megatron_mile.model import build_model_chunks, build_transformer_config, padded_vocab_size
+    from megatron_mile.arguments import checkpoint_shape
+    from megatron_mile.checkpointing import saved_vocab_rows
+    from megatron_mile.model import build_model_chunks, build_transformer_config
 
-    # A world of one on a free port, so a training job on the same node is left alone.
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
-    runtime.initialize(1, 1)
+    runtime.initialize_world_of_one()
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as err:  # torch.load / pickle raise many types on a damaged file
@@ -97,19 +96,25 @@ def load_full_state(path: str):
     if not all(k in common for k in ("args", "vocab_size", "layout")):
         raise ConversionError(f"{path}: not a megatron-mile checkpoint (no args/vocab_size/layout)")
     run_args, vocab_size = common["args"], common["vocab_size"]
-    shape = model_shape(argparse.Namespace(**run_args))
-    # The saved embedding holds the vocab padded for the saved TP; rebuild with that row count.
-    saved_rows = padded_vocab_size(vocab_size, common["layout"]["tp"])
+    shape = checkpoint_shape(run_args)
+    # The saved embedding holds the vocabulary padded as the run padded it (its TP and
+    # --make-vocab-size-divisible-by); rebuild with exactly that many rows.
+    saved_rows = saved_vocab_rows(path)
     config = build_transformer_config(shape)
-    model = build_model_chunks(config, saved_rows, shape.seq_length, seed=0, device=torch.device("cpu"))[0]
+    model = build_model_chunks(config, saved_rows, shape.seq_length, seed=0, device=torch.device("cpu"),
+                               vocab_divisible_by=1, rotary_base=shape.rotary_base)[0]
     try:
         loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path,
                                          strict=StrictHandling.RAISE_UNEXPECTED)
-    except Exception as err:  # dist_checkpointing raises CheckpointingException, KeyError, RuntimeError…
+    # dist_checkpointing raises CheckpointingException, KeyError, RuntimeError…, and torch's
+    # CheckpointException (a missing or damaged shard file) derives from BaseException.
+    except (Exception, CheckpointException) as err:
+        if isinstance(err, CheckpointException):  # the first rank's failure says what is wrong
+            err = next(iter(err.failures.values()))[0]
         raise ConversionError(f"{path}: cannot load the model ({str(err).splitlines()[0]})") from None
     model.load_state_dict(loaded["model0"])
     state = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    return state, run_args, vocab_size, shape, config.num_query_groups or shape.num_attention_heads
+    return state, run_args, vocab_size, shape
 
 
 def write_safetensors(tensors: dict, out_dir: str, max_shard_bytes: int) -> None:
@@ -126,54 +131,64 @@ def write_safetensors(tensors: dict, out_dir: str, max_shard_bytes: int) -> None
         shards[-1][name] = tensor
         size += nbytes
     metadata = {"format": "pt"}
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def save(shard: dict, filename: str) -> None:
+        save_file(shard, os.path.join(out_dir, filename), metadata=metadata)
+        # safetensors creates its files with mode 0600; give them the mode of any other file
+        # written here (the umask's), so that a group sharing the filesystem can read them.
+        os.chmod(os.path.join(out_dir, filename), 0o666 & ~umask)
+
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=metadata)
+        save(shards[0], "model.safetensors")
         return
     weight_map = {}
     for index, shard in enumerate(shards, start=1):
         filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, filename), metadata=metadata)
+        save(shard, filename)
         weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def convert(args: argparse.Namespace) -> str:
+def convert_checkpoint(checkpoint: str, output: str, *, tokenizer_model: str | None = None,
+                       tokenizer_type: str | None = None, dtype: str = DEFAULT_DTYPE,
+                       max_shard_size_gb: float = DEFAULT_MAX_SHARD_SIZE_GB, overwrite: bool = False) -> None:
+    """Write the Hugging Face Llama directory ``output`` for one ``iter_NNNNNNN`` checkpoint.
+
+    Starts and ends a one-process ``torch.distributed`` world of its own, so no other process
+    group may be active in the caller. ``tokenizer_model``/``tokenizer_type`` default to the
+    run's. Bad input raises ``ValueError`` (``ConversionError``, ``TokenizerExportError``) with
+    one line; ``output`` appears only when complete.
+    """
     import torch
 
     from checkpoint_conversion import hf_tokenizer
     from checkpoint_conversion.llama_mapping import LlamaShape, hf_config, to_hf_state_dict
+    from checkpoint_conversion.staging import staged_directory
+    from megatron_mile import runtime
 
-    path = resolve_checkpoint(args.load, args.iteration)
-    if os.path.exists(args.output) and not args.overwrite:
-        raise ConversionError(f"--output: {args.output} exists (pass --overwrite to replace it)")
-    state, run_args, vocab_size, shape, groups = load_full_state(path)
-    llama = LlamaShape(num_layers=shape.num_layers, hidden_size=shape.hidden_size,
-                       num_attention_heads=shape.num_attention_heads, num_query_groups=groups,
-                       ffn_hidden_size=shape.ffn_hidden_size, seq_length=shape.seq_length, vocab_size=vocab_size)
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if run_args.get("bf16") else "float32")
-    dtype = getattr(torch, dtype_name)
-    tensors = {k: v.to(dtype) for k, v in to_hf_state_dict(state, llama).items()}
-    tokenizer_path = args.tokenizer_model or run_args["tokenizer_model"]
-    tokenizer_type = args.tokenizer_type or (None if args.tokenizer_model else run_args.get("tokenizer_type"))
-
-    staging = args.output.rstrip("/") + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    if os.path.exists(output) and not overwrite:
+        raise ConversionError(f"--output: {output} exists (pass --overwrite to replace it)")
     try:
+        state, run_args, vocab_size, shape = load_full_state(checkpoint)
+    finally:
+        runtime.shutdown()
+    llama = LlamaShape.of(shape, vocab_size)
+    dtype_name = dtype if dtype != "auto" else ("bfloat16" if run_args.get("bf16") else "float32")
+    torch_dtype = getattr(torch, dtype_name)
+    tensors = {k: v.to(torch_dtype) for k, v in to_hf_state_dict(state, llama).items()}
+    tokenizer_path = tokenizer_model or run_args["tokenizer_model"]
+    tokenizer_type = tokenizer_type or (None if tokenizer_model else run_args.get("tokenizer_type"))
+
+    with staged_directory(output) as staging:
         bos, eos = hf_tokenizer.export_tokenizer(tokenizer_path, tokenizer_type, staging, shape.seq_length)
         hf_tokenizer.verify(tokenizer_path, tokenizer_type, staging)
         with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(hf_config(llama, dtype, bos, eos), f, indent=2)
-        write_safetensors(tensors, staging, int(args.max_shard_size_gb * 2**30))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if os.path.exists(args.output):
-        shutil.rmtree(args.output)
-    os.replace(staging, args.output)
-    return path
+            json.dump(hf_config(llama, torch_dtype, bos, eos), f, indent=2)
+        write_safetensors(tensors, staging, int(max_shard_size_gb * 2**30))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,14 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     # Conversion is a one-process CPU job, even on a GPU node where training may be running.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        path = convert(args)
+        path = resolve_checkpoint(args.load, args.iteration)
+        convert_checkpoint(path, args.output, tokenizer_model=args.tokenizer_model,
+                           tokenizer_type=args.tokenizer_type, dtype=args.dtype,
+                           max_shard_size_gb=args.max_shard_size_gb, overwrite=args.overwrite)
     except ValueError as err:  # ConversionError, TokenizerExportError, an unreadable tokenizer
         print(f"convert_to_hf: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        runtime = sys.modules.get("megatron_mile.runtime")
-        if runtime is not None:  # only once loading started
-            runtime.shutdown()
     print(f"converted {path} -> {args.output}")
     return 0
 

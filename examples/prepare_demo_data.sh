@@ -22,7 +22,7 @@ BLEND="$OUT/blend.json"
     --input "$CORPUS" --output-prefix "$PREFIX" --tokenizer-model "$TOKENIZER.model" \
     --split-by-domain meta.pile_set_name --append-eod --workers 2 --quiet >&2
 [ -f "$BLEND" ] || "$PYTHON" "$ROOT/tools/make_blend.py" \
-    --manifest "$MANIFEST" --weights "$ROOT/configs/demo_sampling_rates.json" --output "$BLEND" >&2
+    --manifest "$MANIFEST" --weights demo --output "$BLEND" >&2
 
 echo "$BLEND"
 echo "$TOKENIZER.model"

@@ -5,12 +5,15 @@
 # Environment overrides (LOSS, GAMMA, DATA_PATH, TOKENIZER, SAVE, ...): see pretrain_common.sh.
 #
 # Layout: TP=2 PP=1 DP=64, with sequence parallelism and the distributed optimizer.
-#   A full replica (13 GB bf16 weights + grads, plus activations at 2048 tokens) is too tight on
-#   one GPU; TP=2 halves weights, grads and (with --sequence-parallel) activations, and its
-#   all-reduces stay inside a node on NVLink. The fp32 Adam state (~80 GB in all) is sharded over
-#   the 64 DP ranks. TP=2 keeps DP large, which beats deeper TP (smaller, less efficient GEMMs)
-#   and PP (a pipeline bubble). On 40 GB cards use PP=2 (DP=32, 32 micro-batches per step, a
-#   ~3% bubble) or EXTRA_ARGS=--recompute-activations. PARALLEL_ARGS= turns sequence
+#   megatron-mile-plan ranks TP=1 PP=1 DP=128 first (micro-batch 1-4, ~6% faster by its estimate):
+#   a full replica (13 GB bf16 weights + 27 GB fp32 grads) leaves room for micro-batch 1 even
+#   without Transformer Engine, but only just (71 of 72 usable GiB: megatron-core's local attention
+#   keeps the s x s scores). TP=2 with --sequence-parallel is kept for headroom (28 GiB per GPU with
+#   TE's flash attention, 52 GiB without TE); its collectives stay inside a node on NVLink. The
+#   fp32 Adam state (~80 GB in all) is sharded over the 64 DP ranks. TP=2 keeps DP large, which
+#   beats deeper TP (more TP communication) and PP (a pipeline bubble). On 40 GB cards this fits
+#   with TE; without TE use PP=2 (DP=32, 32 micro-batches per step, a ~3% bubble) or
+#   EXTRA_ARGS=--recompute-activations. PARALLEL_ARGS= turns sequence
 #   parallelism off. Checkpoints keep the optimizer state dp_reshardable (no gather over 64
 #   ranks); to resume at another TP/PP, pass --no-load-optim, or save with
 #   EXTRA_ARGS=--dist-ckpt-optim-fully-reshardable (needs TE's FusedAdam: pip install .[gpu]).

@@ -9,12 +9,22 @@
 #   DATA_PATH   blend JSON or Megatron-LM "[weight] prefix ..." list (default data/pile/blend.json)
 #   TOKENIZER   SentencePiece .model or HF tokenizer dir (default data/pile/tokenizer.model)
 #   SAVE        checkpoints, metrics.jsonl, tensorboard/, logs/ (default runs/<preset>_<loss>_gamma<gamma>);
-#               on a filesystem every node sees; a rerun resumes from its latest checkpoint
+#               on a filesystem every node sees; a rerun resumes from its latest checkpoint (--save and
+#               --load are both SAVE, which also works on the first run)
+#   EXIT_SIGNAL (SIGTERM)   on it, every rank finishes its iteration, saves and exits 0 (preemption;
+#               Megatron-LM's --exit-signal-handler); SIGUSR1/SIGUSR2 for `sbatch --signal=USR1@SECONDS`
+#   EXIT_DURATION_IN_MINS   save and exit this many minutes after the start (below the job's time limit)
+#   SHUTDOWN_TIMEOUT (600)  seconds torchrun waits for the workers after forwarding a signal (torch >= 2.12;
+#               older torch waits 30 s), so that a preempted run can finish its checkpoint
 #   TOKEN_BUDGET (default 100e9: the paper's ~100B tokens)   TRAIN_ITERS (default: from the budget)
 #   NNODES, GPUS_PER_NODE (8), TP, PP, MICRO_BATCH_SIZE: override the layout
 #   EVAL_INTERVAL (1000), EVAL_ITERS (2), SAVE_INTERVAL (1000), LOG_INTERVAL (10)
 #   WANDB_PROJECT   also log to wandb     EXTRA_ARGS   more trainer flags, e.g. "--recompute-activations"
-#   PYTHON (python)   DRY_RUN=1   print the torchrun command instead of running it
+#   PYTHON (python)   DRY_RUN=1   check the trainer's configuration and print the command instead of running it
+#
+# The command is torchrun's, through `python -m megatron_mile.launch` (same arguments), which checks
+# the trainer's configuration before any worker starts and leaves the trainer's one-line errors and
+# Ctrl-C without torchrun's tracebacks.
 
 _usage="usage: bash $(basename "$0") MASTER_ADDR NODE_RANK [MASTER_PORT]"
 _fail() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
@@ -36,12 +46,21 @@ EVAL_INTERVAL=${EVAL_INTERVAL:-1000}
 EVAL_ITERS=${EVAL_ITERS:-2}
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 LOG_INTERVAL=${LOG_INTERVAL:-10}
+EXIT_SIGNAL=${EXIT_SIGNAL:-SIGTERM}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}
 
 for _name in NODE_RANK MASTER_PORT NNODES GPUS_PER_NODE TP PP MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE SEQ_LENGTH \
-             TOKEN_BUDGET EVAL_INTERVAL EVAL_ITERS SAVE_INTERVAL LOG_INTERVAL; do
+             TOKEN_BUDGET EVAL_INTERVAL EVAL_ITERS SAVE_INTERVAL LOG_INTERVAL SHUTDOWN_TIMEOUT; do
     [[ ${!_name} =~ ^[0-9]+$ ]] || _fail "$_name must be a non-negative integer, got '${!_name}'"
 done
 case "$LOSS" in ce|focal|mile) ;; *) _fail "LOSS must be ce, focal or mile, got '$LOSS'" ;; esac
+case "$EXIT_SIGNAL" in
+    SIGTERM|SIGINT) ;;
+    # torchrun forwards neither, and would die of it: the workers get it straight from Slurm
+    # (`sbatch --signal=USR1@600`), and this script, torchrun and tee ignore it.
+    SIGUSR1|SIGUSR2) trap '' "${EXIT_SIGNAL#SIG}" ;;
+    *) _fail "EXIT_SIGNAL must be SIGTERM, SIGINT, SIGUSR1 or SIGUSR2, got '$EXIT_SIGNAL'" ;;
+esac
 [ "$NODE_RANK" -lt "$NNODES" ] || _fail "NODE_RANK $NODE_RANK must be below NNODES $NNODES; $_usage"
 
 WORLD_SIZE=$(( NNODES * GPUS_PER_NODE ))
@@ -55,7 +74,7 @@ TRAIN_ITERS=${TRAIN_ITERS:-$(( TOKEN_BUDGET / TOKENS_PER_ITER ))}
 [[ $TRAIN_ITERS =~ ^[0-9]+$ ]] && (( TRAIN_ITERS > 2000 )) || \
     _fail "TRAIN_ITERS must exceed the 2000 warm-up iterations, got '$TRAIN_ITERS'"
 
-LAUNCH=("$PYTHON" -m torch.distributed.run
+LAUNCH=("$PYTHON" -m megatron_mile.launch
     --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK"
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 TRAIN_ARGS=(-m megatron_mile.train
@@ -68,10 +87,15 @@ TRAIN_ARGS=(-m megatron_mile.train
     --loss "$LOSS" --mile-gamma "$GAMMA"
     --data-path "$DATA_PATH" --tokenizer-model "$TOKENIZER"
     --save "$SAVE" --load "$SAVE" --save-interval "$SAVE_INTERVAL"
+    --exit-signal-handler --exit-signal "$EXIT_SIGNAL"
+    ${EXIT_DURATION_IN_MINS:+--exit-duration-in-mins "$EXIT_DURATION_IN_MINS"}
     --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS" --log-interval "$LOG_INTERVAL"
     ${WANDB_PROJECT:+--wandb-project "$WANDB_PROJECT" --wandb-exp-name "$(basename "$SAVE")"}
     ${EXTRA_ARGS:-})
 
+# The trainer's own checks at this world size (a real launch makes them in megatron_mile.launch).
+[ -z "${DRY_RUN:-}" ] || \
+    WORLD_SIZE=$WORLD_SIZE "$PYTHON" -m megatron_mile.train --check-config "${TRAIN_ARGS[@]:2}" >&2
 echo "$MODEL_PRESET: $WORLD_SIZE GPUs = TP $TP x PP $PP x DP $DP | global batch $GLOBAL_BATCH_SIZE x $SEQ_LENGTH" \
      "= $TOKENS_PER_ITER tokens | $TRAIN_ITERS iterations = $(( TRAIN_ITERS * TOKENS_PER_ITER )) tokens" \
      "| loss $LOSS gamma $GAMMA | node $NODE_RANK/$NNODES -> $SAVE" >&2
@@ -82,6 +106,10 @@ if [ -n "${DRY_RUN:-}" ]; then
 fi
 
 # megatron-core overlaps TP/SP communication with compute only with one CUDA work queue.
-export CUDA_DEVICE_MAX_CONNECTIONS=1
+export CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
 mkdir -p "$SAVE/logs"
-"${LAUNCH[@]}" "${TRAIN_ARGS[@]}" 2>&1 | tee -a "$SAVE/logs/node${NODE_RANK}.log"
+# Ctrl-C, and Slurm's SIGTERM (preemption, time limit), reach every process here. torchrun forwards
+# them to the workers, which stop (and, with --exit-signal-handler, save) before they exit; this
+# script waits for torchrun rather than dying first, and tee keeps the log open to the last line.
+trap ':' INT TERM
+"${LAUNCH[@]}" "${TRAIN_ARGS[@]}" 2>&1 | (trap '' INT TERM; exec tee -a "$SAVE/logs/node${NODE_RANK}.log")

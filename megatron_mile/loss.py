@@ -4,8 +4,8 @@ Each tensor-parallel (TP) rank holds a vocabulary shard ``z[..., V/tp]`` of the 
 megatron-core's layout (rank r owns global columns ``[r*V/tp, (r+1)*V/tp)``). With ``m`` the
 row maximum over all real columns, ``e_v = exp(z_v - m)``, ``S = sum_v e_v``, ``log Z = m + log S``:
 
-    ce       = log S - (z_t - m)                       = -log softmax(z)[t]
-    p_target = exp(-ce)
+    nll      = log S - (z_t - m)                       = -log softmax(z)[t]
+    p_target = exp(-nll)
     entropy  = -sum_v p_v log p_v = log S - sum_v e_v (z_v - m) / S
 
 The entropy form needs no log of a probability, so it is exact and finite when most ``p_v``
@@ -14,27 +14,37 @@ underflow (the original MiLe code clamped ``p`` at 1e-8 instead, which biases H 
 Label smoothing ``eps`` uses the target distribution ``(1 - eps) * onehot(t) + eps / V`` over the
 ``V`` real columns (torch's ``F.cross_entropy(label_smoothing=eps)`` convention):
 
-    ce_eps = (1 - eps) * ce + eps * (log S - sum_v (z_v - m) / V)
+    ce = (1 - eps) * nll + eps * (log S - sum_v (z_v - m) / V)          (ce = nll for eps = 0)
 
 ``sum_v (z_v - m)`` is reduced over the whole vocabulary, so smoothing is correct for TP > 1.
-The gradient w.r.t. real logits is ``grad_ce * (p_v - q_v)``; padded columns get zero.
+``ce`` is the training target; ``nll`` (the log-perplexity term), ``entropy`` and ``p_target`` are
+statistics. Only ``ce`` has a gradient, ``grad_ce * (p_v - q_v)`` w.r.t. the real logits (padded
+columns get zero); the other three come back with ``requires_grad=False``: they are constants
+in whatever is built on them, as after ``detach()``, and never carry a silently dropped gradient.
 
 TP communication, per call, is two all-reduces: a MAX of the per-rank row maxima ``m_r``,
 then one SUM of the stacked rows ``[z_t, S_r, T_r (, sum (z - m))]`` after rescaling each
 rank's statistics from ``m_r`` to ``m``: ``S_r <- S_r exp(m_r - m)`` and
 ``T_r <- exp(m_r - m) (T_r + (m_r - m) S_r)`` where ``T_r = sum e (z - m_r)``.
 
-Memory: the rows are processed in chunks of at most ``CHUNK_ELEMENTS`` elements, so the work
-buffers stay in cache and no second full-size fp32 buffer is needed. For fp32 logits the
-forward writes ``exp(z - m_r)`` into the buffer that becomes the gradient (the logits themselves
-when ``inplace=True``, a new buffer otherwise), so the backward is a single multiply. For 16-bit
-logits, storing exp at 16 bits would cost gradient precision, so the backward recomputes it in
-fp32 chunks from the (untouched) logits.
+Memory: the rows are processed in chunks, so the work buffers stay small (and, on CPU, in cache)
+and no second full-size fp32 buffer is needed. Each fp32 work buffer holds at most 1/32 of the
+logits' bytes (``rows / 32`` rows for fp32 logits, ``rows / 64`` for 16-bit ones) and at most two
+are live, so the extra memory of ``inplace=True`` stays near 1/16 of the logits whatever their
+dtype. For fp32 logits the forward writes ``exp(z - m_r)`` into the buffer that becomes the
+gradient (the logits themselves when ``inplace=True``, a new buffer otherwise), so the backward
+is a single multiply. For 16-bit logits, storing exp at 16 bits would cost gradient precision,
+so the backward recomputes it in fp32 chunks from the (untouched) logits.
+
+Host syncs: none with ``check_target_range=False``, like megatron-core's CE. The target column
+is gathered and its gradient added with one ``scatter_add_`` over all rows (rows whose target
+lies on another TP rank add 0), so no ``nonzero`` or boolean indexing waits for the device. The
+target-range check reads a flag back from the device, so it is on by default on CPU only.
 
 The weighted loss, with ``w`` detached:
 
     mile:  w_i = (sigma + entropy_i) ** gamma
-    focal: w_i = (1 - p_target_i) ** gamma
+    focal: w_i = (1 - p_target_i) ** gamma, with p_target_i = 1 (so w_i = 0 for gamma > 0) where mask_i = 0
     ce:    w_i = 1
     loss   = sum_i mask_i * alpha * w_i * ce_i / sum_i mask_i
 
@@ -42,8 +52,11 @@ The weighted loss, with ``w`` detached:
 all-reduce), so the weights average to 1 over the tokens that count. ``alpha_mode="legacy"``
 reproduces the original trainer: each rank takes ``1 / mean(w)`` over every position (ignored
 ones too), ``alpha`` is the mean of that over DP ranks, and the loss is the mean of
-``alpha * w * mask * ce`` over every position. ``gamma = 0`` makes ``w = alpha = 1`` exactly, which
-is the CE loss and gradient bit for bit.
+``alpha * w * mask * ce`` over every position. The original computes CE = 0 at an ignored
+position, hence p_target = 1 and a focal weight of 0 there, which is why the focal ``w`` above
+takes p_target = 1 where the mask is 0 (it matters only for ``legacy``, where ignored positions
+enter ``mean(w)``; MiLe's entropy does not depend on the target). ``gamma = 0`` makes
+``w = alpha = 1`` exactly, which is the CE loss and gradient bit for bit.
 
 Without ``parallel_state.initialize_model_parallel`` both functions run as a single rank
 (TP = DP = 1), which is convenient for tests and tools.
@@ -51,12 +64,14 @@ Without ``parallel_state.initialize_model_parallel`` both functions run as a sin
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-__all__ = ["CHUNK_ELEMENTS", "vocab_parallel_ce_and_entropy", "weighted_lm_loss"]
+__all__ = ["CHUNK_ELEMENTS", "TokenLosses", "vocab_parallel_ce_and_entropy", "weighted_lm_loss"]
 
 # Elements per row chunk on CPU (1 MiB of fp32): small enough to stay in cache, large enough that
 # the per-chunk Python overhead is negligible next to the exp.
@@ -64,6 +79,15 @@ CHUNK_ELEMENTS = 1 << 18
 
 _KINDS = ("ce", "focal", "mile")
 _ALPHA_MODES = ("global", "legacy")
+
+
+class TokenLosses(NamedTuple):
+    """Per-token fp32 terms shaped like the target; only ``ce`` has a gradient."""
+
+    ce: torch.Tensor  # the training cross-entropy (label-smoothed when eps > 0)
+    entropy: torch.Tensor  # of the predicted distribution over the real vocabulary
+    p_target: torch.Tensor  # exp(-nll)
+    nll: torch.Tensor  # -log p(target): the log-perplexity term, whatever the smoothing
 
 
 def _tensor_parallel() -> tuple[dist.ProcessGroup | None, int, int]:
@@ -80,11 +104,16 @@ def _data_parallel() -> tuple[dist.ProcessGroup | None, int]:
     return parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()
 
 
-def _chunk_rows(rows: int, columns: int, device: torch.device) -> int:
-    # At most 1/32 of the rows, so two fp32 work buffers stay <= 1/16 of fp32 logits at any size.
-    # On CPU also at most CHUNK_ELEMENTS, to stay in cache; on GPU more chunks only add launches.
-    in_cache = CHUNK_ELEMENTS // max(columns, 1) if device.type == "cpu" else rows
-    return max(1, min(in_cache, rows // 32))
+def _chunk_rows(z: torch.Tensor, columns: int) -> int:
+    """Rows per chunk: each fp32 work buffer is at most 1/32 of the logits' bytes (rows/32 for fp32
+    logits, rows/64 for 16-bit ones), so the two live at once stay <= 1/16 of the logits.
+
+    On CPU also at most ``CHUNK_ELEMENTS``, to stay in cache; on GPU more chunks only add launches.
+    """
+    rows = z.shape[0]
+    share = rows * z.element_size() // (4 * 32)
+    in_cache = CHUNK_ELEMENTS // max(columns, 1) if z.device.type == "cpu" else rows
+    return max(1, min(in_cache, share))
 
 
 def _local_stats(z: torch.Tensor, real: int, with_shift_sum: bool,
@@ -97,7 +126,7 @@ def _local_stats(z: torch.Tensor, real: int, with_shift_sum: bool,
     rows = z.shape[0]
     m_loc = torch.empty(rows, dtype=torch.float32, device=z.device)
     sums = torch.zeros(3 if with_shift_sum else 2, rows, dtype=torch.float32, device=z.device)
-    step = _chunk_rows(rows, real, z.device)
+    step = _chunk_rows(z, real)
     shifted = torch.empty(min(step, rows), real, dtype=torch.float32, device=z.device)
     exps = torch.empty_like(shifted) if exp_out is None else None
     for r0 in range(0, rows, step):
@@ -110,7 +139,7 @@ def _local_stats(z: torch.Tensor, real: int, with_shift_sum: bool,
         e = exps[: r1 - r0] if exp_out is None else exp_out[r0:r1, :real]
         torch.exp(s, out=e)
         torch.sum(e, dim=-1, out=sums[0, r0:r1])
-        sums[1, r0:r1] = torch.linalg.vecdot(s, e)
+        torch.sum(s.mul_(e), dim=-1, out=sums[1, r0:r1])  # in place: no third chunk-sized buffer
     return m_loc, sums
 
 
@@ -127,9 +156,9 @@ class _VocabParallelCEAndEntropy(torch.autograd.Function):
         rows = z.shape[0]
         col = target.reshape(-1) - start
         owned = (col >= 0) & (col < real)
-        col = torch.where(owned, col, 0)
+        col = torch.where(owned, col, 0)[:, None]
         # Gather the target logit before an in-place exp can overwrite it.
-        target_logit = torch.where(owned, z[torch.arange(rows, device=z.device), col].float(), 0.0)
+        target_logit = torch.where(owned, z.gather(1, col).squeeze(1).float(), 0.0)
 
         store_exp = ctx.needs_input_grad[0] and logits.dtype == torch.float32 and real > 0
         exp_out = (z if inplace else torch.empty_like(z)) if store_exp else None
@@ -155,31 +184,36 @@ class _VocabParallelCEAndEntropy(torch.autograd.Function):
 
         sum_exp = sums[0]
         log_s = sum_exp.log()
-        ce = log_s - (target_logit - m)
+        nll = log_s - (target_logit - m)
         entropy = (log_s - sums[1] / sum_exp).clamp_min_(0.0)
-        p_target = torch.exp(-ce)
+        p_target = torch.exp(-nll)
         if label_smoothing > 0:
-            ce = (1.0 - label_smoothing) * ce + label_smoothing * (log_s - sums[2] / vocab_size)
+            ce = (1.0 - label_smoothing) * nll + label_smoothing * (log_s - sums[2] / vocab_size)
+        else:
+            ce = nll.clone()  # a separate output from nll, which has no gradient
 
         # exp(z - m_r) * coef = softmax(z)
         coef = (m_loc - m).exp() / sum_exp if real > 0 else torch.zeros_like(sum_exp)
         # Save the logits tensor itself, not its reshaped view, when it holds the exp (in place).
         ctx.save_for_backward(exp_out if store_exp and not inplace else logits, m_loc, coef, col, owned)
         ctx.meta = (logits.shape, real, store_exp, inplace, label_smoothing, vocab_size)
-        ctx.mark_non_differentiable(entropy, p_target)
-        shape = target.shape
-        return ce.view(shape), entropy.view(shape), p_target.view(shape)
+        # Marked in the shape they are returned in: marking the flat tensors would leave the
+        # returned views differentiable.
+        outputs = tuple(x.view(target.shape) for x in (ce, entropy, p_target, nll))
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_ce: torch.Tensor, _grad_entropy, _grad_p_target):
+    def backward(ctx, grad_ce: torch.Tensor, *_grad_statistics):
         saved, m_loc, coef, col, owned = ctx.saved_tensors
         shape, real, store_exp, inplace, eps, vocab_size = ctx.meta
         part = shape[-1]
         g = grad_ce.reshape(-1).float()
         scale = g * coef
-        on_target = (1.0 - eps) * g  # q_t = 1 - eps (+ eps/V from the uniform part)
         uniform = (eps / vocab_size) * g
-        rows_hit = owned.nonzero().squeeze(1)
+        # -q_t at the target column (q_t = 1 - eps, plus eps/V from the uniform part); rows whose
+        # target lies on another rank add 0 to column 0, so one scatter covers every row.
+        on_target = torch.where(owned, (eps - 1.0) * g, 0.0)[:, None]
 
         if store_exp:  # saved holds exp(z - m_r): the gradient is one multiply away
             grad = saved.view(-1, part)
@@ -187,12 +221,12 @@ class _VocabParallelCEAndEntropy(torch.autograd.Function):
             e.mul_(scale[:, None])
             if eps > 0:
                 e.sub_(uniform[:, None])
-            grad.index_put_((rows_hit, col[rows_hit]), -on_target[rows_hit], accumulate=True)
-        else:  # non-fp32 (16-bit) logits: recompute exp in fp32 chunks, round the gradient once
+            e.scatter_add_(1, col, on_target)
+        else:  # 16-bit logits (or an all-padding shard): recompute exp in fp32 chunks, round once
             z = saved.view(-1, part)
             grad = z if inplace else torch.empty_like(z)
             rows = z.shape[0]
-            step = _chunk_rows(rows, real, z.device)
+            step = _chunk_rows(z, real)
             work = torch.empty(min(step, rows), real, dtype=torch.float32, device=z.device)
             for r0 in range(0, rows if real > 0 else 0, step):
                 r1 = min(r0 + step, rows)
@@ -200,15 +234,14 @@ class _VocabParallelCEAndEntropy(torch.autograd.Function):
                 w.exp_().mul_(scale[r0:r1, None])
                 if eps > 0:
                     w.sub_(uniform[r0:r1, None])
-                hit = owned[r0:r1].nonzero().squeeze(1)
-                w.index_put_((hit, col[r0:r1][hit]), -on_target[r0:r1][hit], accumulate=True)
+                w.scatter_add_(1, col[r0:r1], on_target[r0:r1])
                 grad[r0:r1, :real].copy_(w)
         grad[:, real:].zero_()
         return grad.view(shape), None, None, None, None
 
 
 def _check_ce_inputs(logits: torch.Tensor, target: torch.Tensor, vocab_size: int | None,
-                     label_smoothing: float, tp: int) -> int:
+                     label_smoothing: float, tp: int, check_target_range: bool | None) -> int:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
         raise ValueError("logits must be a floating-point tensor of shape [..., V/tp]")
     if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dtype == torch.bool:
@@ -224,45 +257,55 @@ def _check_ce_inputs(logits: torch.Tensor, target: torch.Tensor, vocab_size: int
                          f"{logits.shape[-1]} x tp {tp}), got {vocab_size!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
-    if target.numel() and bool(((target < 0) | (target >= vocab_size)).any()):
+    if check_target_range is None:
+        check_target_range = target.device.type == "cpu"
+    # The one data-dependent check: it waits for the device, hence off by default on GPUs.
+    if check_target_range and target.numel() and bool(((target < 0) | (target >= vocab_size)).any()):
         raise ValueError(f"target ids must lie in [0, {vocab_size}); got min {int(target.min())}, "
                          f"max {int(target.max())}")
     return vocab_size
 
 
 def vocab_parallel_ce_and_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int | None = None,
-                                  label_smoothing: float = 0.0, inplace: bool = False
-                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy, entropy and target probability of vocab-sharded logits.
+                                  label_smoothing: float = 0.0, inplace: bool = False,
+                                  check_target_range: bool | None = None) -> TokenLosses:
+    """Cross-entropy, entropy, target probability and NLL of vocab-sharded logits.
 
     Args:
         logits: ``[..., V/tp]``, this rank's vocabulary shard (any float dtype, finite values).
         target: ``[...]`` int64 global token ids in ``[0, vocab_size)``.
         vocab_size: true vocabulary size; global columns ``>= vocab_size`` are padding and are
             left out of the softmax, CE and entropy. ``None``: every column is a real token.
-        label_smoothing: ``eps`` in ``[0, 1)``; ``ce`` becomes the smoothed cross-entropy.
+        label_smoothing: ``eps`` in ``[0, 1)``; ``ce`` becomes the smoothed cross-entropy (``nll``
+            stays the plain one).
         inplace: the logits buffer may be overwritten (with exp in the forward for fp32, with
             the gradient in the backward); use it when nothing else reads the logits afterwards.
             Values and gradients are identical to ``inplace=False``.
+        check_target_range: raise ``ValueError`` for ids outside ``[0, vocab_size)``. This waits
+            for the device, so ``None`` (the default) checks on CPU only; on a GPU pass ``True``
+            to debug, since out-of-range ids otherwise give wrong values, as in megatron-core.
 
-    Returns fp32 tensors shaped like ``target``: ``ce`` (differentiable w.r.t. ``logits``),
-    ``entropy`` and ``p_target`` (no gradient). Uses megatron-core's tensor-parallel group.
+    Returns ``TokenLosses(ce, entropy, p_target, nll)``, fp32 tensors shaped like ``target``. Only
+    ``ce`` is differentiable (w.r.t. ``logits``); the others have ``requires_grad=False``.
+    Uses megatron-core's tensor-parallel group.
     """
     _, _, tp = _tensor_parallel()
-    vocab_size = _check_ce_inputs(logits, target, vocab_size, label_smoothing, tp)
-    return _VocabParallelCEAndEntropy.apply(logits, target, vocab_size, float(label_smoothing), bool(inplace))
+    vocab_size = _check_ce_inputs(logits, target, vocab_size, label_smoothing, tp, check_target_range)
+    return TokenLosses(*_VocabParallelCEAndEntropy.apply(logits, target, vocab_size, float(label_smoothing),
+                                                          bool(inplace)))
 
 
 def weighted_lm_loss(logits: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor, kind: str = "mile",
                      gamma: float = 1.0, sigma: float = 1.0, alpha_mode: str = "global",
-                     vocab_size: int | None = None, label_smoothing: float = 0.0, inplace: bool = False
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     vocab_size: int | None = None, label_smoothing: float = 0.0, inplace: bool = False,
+                     check_target_range: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scalar MiLe / focal / CE loss of vocab-sharded logits and detached statistics.
 
     ``loss = sum mask * alpha * w * ce / sum mask`` (see the module docstring for ``w`` and the
-    two ``alpha_mode`` values). ``stats`` holds this rank's masked means ``ce`` (the training CE,
-    smoothed when ``label_smoothing > 0``), ``entropy`` and ``weight``, plus ``alpha`` and
-    ``tokens`` (``sum mask``). Non-CE kinds make one all-reduce over the data-parallel group.
+    two ``alpha_mode`` values). ``stats`` holds this rank's masked means ``ce`` (the plain NLL, the
+    log-perplexity term, also under label smoothing), ``entropy`` and ``weight``, plus ``alpha``
+    and ``tokens`` (``sum mask``). Non-CE kinds make one all-reduce over the data-parallel group.
+    ``check_target_range`` as in ``vocab_parallel_ce_and_entropy``; nothing else syncs with the host.
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
@@ -276,14 +319,16 @@ def weighted_lm_loss(logits: torch.Tensor, target: torch.Tensor, loss_mask: torc
         raise ValueError(f"loss_mask must be a tensor shaped like target {tuple(target.shape)}, got "
                          f"{tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask)}")
 
-    ce, entropy, p_target = vocab_parallel_ce_and_entropy(logits, target, vocab_size, label_smoothing, inplace)
+    terms = vocab_parallel_ce_and_entropy(logits, target, vocab_size, label_smoothing, inplace, check_target_range)
+    ce = terms.ce
     mask = loss_mask.to(torch.float32)
     if kind == "ce":
         w = torch.ones_like(ce)
     elif kind == "focal":
-        w = (1.0 - p_target).pow(gamma)
+        # As in the original trainer, an ignored position counts as CE 0, i.e. p_target 1.
+        w = (1.0 - torch.where(mask == 0, 1.0, terms.p_target)).pow(gamma)
     else:
-        w = (sigma + entropy).pow(gamma)
+        w = (sigma + terms.entropy).pow(gamma)
     tokens = mask.sum()
 
     group, dp = _data_parallel()
@@ -307,6 +352,6 @@ def weighted_lm_loss(logits: torch.Tensor, target: torch.Tensor, loss_mask: torc
 
     with torch.no_grad():
         denom = tokens.clamp_min(torch.finfo(torch.float32).tiny)
-        stats = {"ce": (mask * ce).sum() / denom, "entropy": (mask * entropy).sum() / denom,
+        stats = {"ce": (mask * terms.nll).sum() / denom, "entropy": (mask * terms.entropy).sum() / denom,
                  "weight": (mask * w).sum() / denom, "alpha": alpha.detach().clone(), "tokens": tokens}
     return loss, stats

@@ -4,24 +4,28 @@ Model FLOPs per trained token (the PaLM / Megatron convention; recomputation not
 
     6 * N  +  12 * L * s * h
 
-where N = L * (4 h^2 + 3 h f) + V h counts the weights that take part in matmuls (the
-attention projections, the SwiGLU MLP and the output layer; the embedding lookup is a
-gather), and 12 L s h is the attention score and value products (forward 4 L s h per
-token, times 3 for forward + backward). MFU = achieved model FLOP/s per GPU divided by
-the GPU's dense bf16 peak.
+where N = L * (2 h^2 + 2 h g d + 3 h f) + V h counts the weights that take part in matmuls
+(the attention projections: Q and O are h x h, K and V h x g d with g key/value groups of
+d = h / heads, so 4 h^2 without grouped-query attention; the SwiGLU MLP and the output
+layer; the embedding lookup is a gather), and 12 L s h is the attention score and value
+products (forward 4 L s h per token, times 3 for forward + backward; every query head
+still attends, so grouping does not change it). MFU = achieved model FLOP/s per GPU
+divided by the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from megatron_mile.model import ModelShape
+from megatron_mile.arguments import ConfigError
+from megatron_mile.model import ModelShape, attention_weights
 
 # Dense bf16 tensor-core peaks, FLOP/s.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -29,7 +33,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 def flops_per_token(shape: ModelShape, vocab_size: int) -> float:
     h, f, layers, s = shape.hidden_size, shape.ffn_hidden_size, shape.num_layers, shape.seq_length
-    matmul_params = layers * (4 * h * h + 3 * h * f) + vocab_size * h
+    matmul_params = layers * (attention_weights(shape) + 3 * h * f) + vocab_size * h
     return 6.0 * matmul_params + 12.0 * layers * s * h
 
 
@@ -56,14 +60,55 @@ def format_tokens(tokens: float) -> str:
     return str(int(tokens))
 
 
+@contextlib.contextmanager
+def _output(flag: str, path: str) -> Iterator[None]:
+    """An output path that cannot be written is a configuration error, named by its flag."""
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
+
+
+def truncate_records(path: str, last_iteration: int) -> int:
+    """Drop the records of ``path`` (metrics.jsonl) logged after ``last_iteration``; returns how many.
+
+    A run resumed from the checkpoint at ``last_iteration`` logs the later iterations again, so the
+    records the earlier run wrote for them (and a line cut short by a kill) must go. The file is
+    replaced atomically: a kill during the rewrite leaves the old one.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iteration", 0) <= last_iteration:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
+
+
 class MetricsLogger:
     """Writes on the logging rank only; every other rank gets a logger that does nothing.
 
-    metrics.jsonl is opened in append mode, so a resumed run continues the same file.
+    ``resumed_at``: the iteration a resumed run starts after. metrics.jsonl keeps its records up
+    to it (``truncate_records``) and is appended to; TensorBoard hides the earlier run's events
+    after it (SummaryWriter's ``purge_step``), so neither mixes the two runs' later steps.
     """
 
     def __init__(self, enabled: bool, metrics_file: str | None, tensorboard_dir: str | None,
-                 wandb_project: str | None, wandb_name: str | None, config: dict[str, Any]):
+                 wandb_project: str | None, wandb_name: str | None, config: dict[str, Any],
+                 resumed_at: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -71,12 +116,17 @@ class MetricsLogger:
         if not enabled:
             return
         if metrics_file:
-            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
-            self._jsonl = open(metrics_file, "a", buffering=1)
+            with _output("--metrics-file", metrics_file):
+                os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+                if resumed_at is not None:
+                    truncate_records(metrics_file, resumed_at)
+                self._jsonl = open(metrics_file, "a", buffering=1)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=tensorboard_dir)
+            with _output("--tensorboard-dir", tensorboard_dir):
+                self._tb = SummaryWriter(log_dir=tensorboard_dir,
+                                         purge_step=None if resumed_at is None else resumed_at + 1)
         if wandb_project:
             import wandb
 

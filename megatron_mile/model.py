@@ -1,8 +1,10 @@
 """Model presets and the megatron-core GPTModel builder (LLaMA-style).
 
-Every preset is a LLaMA: RMSNorm (eps 1e-5), SwiGLU MLP, RoPE, untied input and output
-embeddings, no biases, and N(0, 0.01) initialisation of every matrix, the paper's
-Hugging Face ``initializer_range`` (so no depth-scaled init on the output projections).
+Every preset is a LLaMA: RMSNorm (eps 1e-5), SwiGLU MLP, RoPE (base 10000), multi-head
+attention, untied input and output embeddings, no biases, and N(0, 0.01) initialisation
+of every matrix, the paper's Hugging Face ``initializer_range`` (so no depth-scaled init on
+the output projections). Grouped-query attention, another RoPE base or RMSNorm epsilon
+(as in published Llama checkpoints) are overrides on top of a preset.
 
 Initialisation is *layout invariant*: every logical weight element gets its value from a
 generator keyed by (seed, global parameter name), and each rank copies out its own
@@ -13,8 +15,10 @@ which is what lets runs at different layouts be compared step for step.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import re
+import time
 import zlib
 from dataclasses import dataclass, replace
 
@@ -29,16 +33,30 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron_mile.attention import SDPAttention
 
 INIT_STD = 0.01
-VOCAB_PAD_MULTIPLE = 128
+NORM_EPSILON = 1e-5
+ROTARY_BASE = 10000
+VOCAB_PAD_MULTIPLE = 128  # --make-vocab-size-divisible-by's default (Megatron-LM's)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ModelShape:
+    """The architecture: sizes, plus the attention grouping, RoPE base and norm epsilon."""
+
     num_layers: int
     hidden_size: int
     num_attention_heads: int
     ffn_hidden_size: int
     seq_length: int
+    num_query_groups: int | None = None  # key/value heads; None: one per query head
+    rotary_base: int = ROTARY_BASE
+    norm_epsilon: float = NORM_EPSILON
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads, each shared by ``num_attention_heads / query_groups`` query heads."""
+        return self.num_query_groups or self.num_attention_heads
 
 
 # The paper's architectures (reference model_config_*.json), plus a few-MB CPU model.
@@ -57,9 +75,11 @@ def resolve_shape(preset: str, **overrides: int | None) -> ModelShape:
     return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
-    """megatron pads the embedding rows to a multiple of 128 × TP so every shard is aligned."""
-    multiple = VOCAB_PAD_MULTIPLE * tensor_model_parallel_size
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = VOCAB_PAD_MULTIPLE,
+                      ) -> int:
+    """The embedding rows: the vocabulary padded to a multiple of ``divisible_by`` × TP
+    (``--make-vocab-size-divisible-by``, as Megatron-LM), so every TP shard is aligned."""
+    multiple = divisible_by * tensor_model_parallel_size
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
@@ -78,9 +98,46 @@ def fused_softmax_kernels_available() -> bool:
                for name in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
 
 
+def fused_swiglu_compiles(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether megatron-core's fused SwiGLU (``bias_activation_fusion``) compiles and runs here.
+
+    megatron-core builds it with ``torch.compile`` (Inductor, with Triton kernels on CUDA), which
+    compiles at the first call. Running it once, forward and backward, on a small tensor moves that
+    compilation before training (out of the first timed step) and turns a compiler failure into
+    the unfused activation and one warning, instead of a crash at the first step. Logs which path
+    is used.
+    """
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    start = time.perf_counter()
+    try:
+        x = torch.randn(16, 256, device=device, dtype=dtype, requires_grad=True)
+        bias_swiglu_impl(x, None).sum().backward()
+    except Exception as exc:  # Dynamo, Inductor and Triton raise many types; any of them means: don't fuse
+        exc = getattr(exc, "inner_exception", None) or exc  # Dynamo wraps the compiler's own error
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.warning("SwiGLU: unfused (torch.compile failed: %s: %s)", type(exc).__name__, reason)
+        return False
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        log.info("SwiGLU: fused with torch.compile (compiled and ran in %.1f s)", time.perf_counter() - start)
+    return True
+
+
+def optional_kernels(config: TransformerConfig) -> dict[str, str]:
+    """The optional fused kernels this model uses, or what stands in for them (the trainer logs it)."""
+    te = transformer_engine_available()
+    return {
+        "layers": "Transformer Engine" if te else "megatron-core local (no Transformer Engine)",
+        "attention": "Transformer Engine DotProductAttention" if te else "megatron-core DotProductAttention",
+        "softmax": "fused" if config.masked_softmax_fusion else "torch (no fused kernels)",
+        "SwiGLU": "fused (torch.compile)" if config.bias_activation_fusion else "unfused",
+    }
+
+
 def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp: int | None = None,
                              sequence_parallel: bool = False, bf16: bool = False,
                              recompute_activations: bool = False) -> TransformerConfig:
+    """megatron-core's config for ``shape``; the RoPE base goes to the model (``build_model_chunks``)."""
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
     init = torch.nn.init.normal_
@@ -88,9 +145,10 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.query_groups,
         ffn_hidden_size=shape.ffn_hidden_size,
         normalization="RMSNorm",
-        layernorm_epsilon=1e-5,
+        layernorm_epsilon=shape.norm_epsilon,
         add_bias_linear=False,
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -113,7 +171,7 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         autocast_dtype=dtype,
         # Fused kernels exist only on CUDA; the softmax one is a compiled extension (apex or
         # Megatron-LM's kernels) that megatron-core imports only when a bf16 shape qualifies.
-        bias_activation_fusion=on_gpu,
+        bias_activation_fusion=on_gpu and fused_swiglu_compiles(torch.device("cuda"), dtype),
         masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
@@ -136,7 +194,7 @@ class LocalRMSNorm(torch.nn.RMSNorm):
     ``finalize_model_grads`` all-reduce them over the TP group (as apex's and TE's norms do).
     """
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused_fused_options):
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = NORM_EPSILON, **_unused_fused_options):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
 
@@ -176,8 +234,10 @@ class LoopLossGPTModel(GPTModel):
 
 
 def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: int, seed: int,
-                       device: torch.device) -> list[GPTModel]:
-    """This rank's GPTModel chunks (one, or one per virtual stage with interleaving)."""
+                       device: torch.device, vocab_divisible_by: int = VOCAB_PAD_MULTIPLE,
+                       rotary_base: int = ROTARY_BASE) -> list[GPTModel]:
+    """This rank's GPTModel chunks (one, or one per virtual stage with interleaving), with the
+    vocabulary padded as ``padded_vocab_size`` says."""
     tp = config.tensor_model_parallel_size
     vp = config.virtual_pipeline_model_parallel_size
     chunks = []
@@ -186,13 +246,14 @@ def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: i
         model = LoopLossGPTModel(
             config=config,
             transformer_layer_spec=block_spec(config, stage),
-            vocab_size=padded_vocab_size(vocab_size, tp),
+            vocab_size=padded_vocab_size(vocab_size, tp, vocab_divisible_by),
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=stage),
             parallel_output=True,
             share_embeddings_and_output_weights=False,
             position_embedding_type="rope",
+            rotary_base=rotary_base,
             vp_stage=stage,
         )
         model.to(device)
@@ -223,7 +284,11 @@ def _global_names(model: GPTModel) -> dict[str, torch.nn.Parameter]:
 
 
 def _local_rows(full: torch.Tensor, dim: int, rank: int, world: int, gated: bool) -> torch.Tensor:
-    """This TP rank's slice of a full weight; SwiGLU fc1 holds [gate_r; up_r] per rank."""
+    """This TP rank's slice of a full weight; SwiGLU fc1 holds [gate_r; up_r] per rank.
+
+    The fused QKV weight lists, per query group, its query heads, key and value, so a
+    contiguous row slice is whole groups: the same layout at every TP that divides them.
+    """
     if not gated:
         return full.chunk(world, dim=dim)[rank]
     gate, up = full.chunk(2, dim=dim)
@@ -259,8 +324,15 @@ def initialize_weights(model: GPTModel, seed: int, vocab_size: int) -> None:
         param.copy_(local.to(param.dtype))
 
 
+def attention_weights(shape: ModelShape) -> int:
+    """One layer's attention projections: Q and O are h x h, K and V are h x g*d (g groups of d = h/heads)."""
+    h = shape.hidden_size
+    kv_width = shape.query_groups * (h // shape.num_attention_heads)
+    return 2 * h * h + 2 * h * kv_width
+
+
 def count_parameters(shape: ModelShape, vocab_size: int) -> int:
-    """Total parameters of a preset (untied embeddings, SwiGLU, RMSNorm, no biases)."""
+    """Total parameters (untied embeddings, SwiGLU, RMSNorm, no biases)."""
     h, f, layers = shape.hidden_size, shape.ffn_hidden_size, shape.num_layers
-    per_layer = 4 * h * h + 3 * h * f + 2 * h
+    per_layer = attention_weights(shape) + 3 * h * f + 2 * h
     return layers * per_layer + h + 2 * vocab_size * h

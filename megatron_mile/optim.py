@@ -7,7 +7,9 @@ after linear warm-up, gradient clipping at 1.0, bf16 with fp32 main weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import math
+from dataclasses import dataclass, fields
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -18,18 +20,23 @@ from megatron.core.transformer import TransformerConfig
 
 @dataclass(frozen=True)
 class OptimSettings:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_warmup_iters: int = 2000
-    lr_decay_iters: int | None = None  # defaults to train iters
-    lr_decay_style: str = "cosine"
-    use_distributed_optimizer: bool = True  # the resolved choice (choose_distributed_optimizer)
-    overlap_grad_reduce: bool = True
+    """A run's optimizer and schedule flags; their defaults live in ``megatron_mile.arguments``."""
+
+    lr: float
+    min_lr: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    clip_grad: float
+    lr_warmup_iters: int
+    lr_decay_iters: int | None  # None: the run's train iterations
+    lr_decay_style: str
+    use_distributed_optimizer: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OptimSettings:
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
 
 
 def wrap_data_parallel(config: TransformerConfig, chunks: list[torch.nn.Module], settings: OptimSettings,
@@ -38,7 +45,7 @@ def wrap_data_parallel(config: TransformerConfig, chunks: list[torch.nn.Module],
     the backward pass, and reduce-scatter into the distributed optimizer's shards."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=settings.overlap_grad_reduce,
+        overlap_grad_reduce=True,
         use_distributed_optimizer=settings.use_distributed_optimizer,
         # The training loop checks the loss and the grad norm for NaN/inf itself.
         check_for_nan_in_grad=False,
@@ -91,6 +98,10 @@ def fused_adam_available() -> bool:
     return distrib_optimizer.HAVE_APEX_OR_TE
 
 
+def adam_implementation() -> str:
+    return "apex/Transformer Engine FusedAdam" if fused_adam_available() else "torch Adam (no apex or Transformer Engine)"
+
+
 def build_optimizer(model: list[DistributedDataParallel], settings: OptimSettings, bf16: bool) -> MegatronOptimizer:
     config = OptimizerConfig(
         optimizer="adam",
@@ -124,3 +135,50 @@ def build_scheduler(optimizer: MegatronOptimizer, settings: OptimSettings, train
         wd_incr_steps=decay_iters,
         wd_incr_style="constant",
     )
+
+
+def component_optimizers(optimizer: MegatronOptimizer) -> list[MegatronOptimizer]:
+    """The optimizers inside megatron-core's ``ChainedOptimizer`` (or just this one)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+@torch.no_grad()
+def step_if_finite(optimizer: MegatronOptimizer, loss_is_finite: bool, device: torch.device) -> float | None:
+    """Clip and step when the loss and the grad norm are finite; else leave everything untouched.
+
+    Returns the grad norm (before clipping), or None for a skipped step. megatron-core's
+    ``optimizer.step()`` would already have updated Adam's moments (and applied weight decay)
+    by the time its caller sees an infinite norm, so the step is taken apart into its own
+    pieces: ``prepare_grads`` (grads into the main params), the grad norm, and only when
+    that is finite the clipping and ``step_with_ready_grads``. A skipped step leaves the
+    parameters and the optimizer state exactly as they were.
+
+    ``loss_is_finite`` rides in the norm's all-reduce as one more element, 0 or NaN, so the
+    whole check costs the norm's own all-reduce and host sync and no per-gradient temporary.
+    Every rank gets the same norm: the all-reduce group (the world for the distributed
+    optimizer; one data-parallel replica's model-parallel group for the regular one, whose
+    grads and loss statistics are the same on every replica) always holds a last pipeline
+    stage, where the loss lives.
+    """
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    if optimizer.prepare_grads():  # an fp16 loss scaler found inf/NaN; never so without one
+        return None
+    parts = component_optimizers(optimizer)
+    grads = [grad for part in parts for grad in part.get_main_grads_for_grad_norm()]
+    loss_flag = torch.zeros(1, dtype=torch.float32, device=device)  # filled on the device: no host copy
+    grads.append(loss_flag if loss_is_finite else loss_flag.fill_(math.nan))
+    # Looked up at call time: the CPU layer (megatron_mile.runtime) replaces these two.
+    grad_norm = clip_grads.get_grad_norm_fp32(grads,
+                                              grad_stats_parallel_group=optimizer.get_grad_stats_parallel_group())
+    if not math.isfinite(grad_norm):
+        return None
+    for part in parts:
+        params = part.get_parameters()
+        if part.config.clip_grad > 0.0 and params:
+            mcore_optimizer.clip_grad_by_total_norm_fp32(
+                params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    optimizer.step_with_ready_grads()
+    return grad_norm

@@ -32,7 +32,9 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    optimizer uses an equivalent that scales the grads in place with ``torch._foreach_mul_``.
 6. ``torch.cuda.synchronize()`` is a no-op (CPU work is already synchronous): the
    ``dist_checkpointing`` writer calls it after staging tensors to host memory.
-7. The RNG tracker's ``fork`` warns when the CPU generator moved inside it, which on a GPU
+7. megatron-core's advice to set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (so that tensor-parallel
+   communication overlaps with compute on one CUDA work queue) is silenced: there is no queue.
+8. The RNG tracker's ``fork`` warns when the CPU generator moved inside it, which on a GPU
    means a CPU draw leaked into the model-parallel stream; here the "CUDA" generator *is*
    the CPU one, so every dropout draw under ``fork`` would warn. That one warning is
    filtered from megatron's ``tensor_parallel.random`` logger.
@@ -47,10 +49,13 @@ parallelism) runs on gloo; only Transformer Engine and the fused kernels stay CU
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import random
+import socket
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -196,7 +201,11 @@ def enable_cpu_compat() -> bool:
     # 6. Nothing to wait for on the CPU.
     torch.cuda.synchronize = lambda device=None: None
 
-    # 7. On CPU the "CUDA" RNG is the CPU generator: draws under the tracker's fork are expected.
+    # 7. Advice about CUDA work queues.
+    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended to set the "
+                            "environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+                            module=r"megatron\.core\.tensor_parallel\.layers")
+    # 8. On CPU the "CUDA" RNG is the CPU generator: draws under the tracker's fork are expected.
     logging.getLogger(mcore_random.__name__).addFilter(_WithoutForkWarning())
 
     _cpu_compat_enabled = True
@@ -289,6 +298,42 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
         dp=world_size // model_parallel,
         vp=virtual_pipeline_model_parallel_size,
     )
+
+
+def claim_failure(message: str | None = None) -> bool:
+    """Record that this rank failed, and say whether it should report the failure.
+
+    With ``message`` (a one-line error): True for the first rank to fail with that message,
+    so ranks that fail alike print it once and a failure on one pipeline stage is still
+    printed by that stage. Without one (an unexpected exception): True unless another rank
+    failed first, in which case this one is almost surely its consequence (a peer that left
+    mid-collective) and that rank's report explains the run.
+
+    Counted in the process group's key-value store, not with a collective: the other ranks
+    may be blocked elsewhere. Before a process group exists, rank 0 reports a message (every
+    rank checks the same command line); if the store cannot be reached, this rank reports,
+    since a duplicate line beats a silent failure.
+    """
+    if not dist.is_initialized():
+        return message is None or os.environ.get("RANK", "0") == "0"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        first_failure = store.add("megatron_mile/failed", 1) == 1
+        if message is None:
+            return first_failure
+        return store.add("megatron_mile/error/" + hashlib.sha256(message.encode()).hexdigest(), 1) == 1
+    except RuntimeError:
+        return True
+
+
+def initialize_world_of_one(seed: int = 1234) -> Runtime:
+    """One process at TP = PP = 1 for offline tools (checkpoint conversion), on a free local
+    port so that a training job on the same node is left alone."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return initialize(1, 1, seed=seed)
 
 
 def shutdown() -> None:

@@ -14,6 +14,7 @@ they are identical.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -25,12 +26,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mile import checkpointing, metrics, optim, runtime
-from megatron_mile.arguments import model_shape
+from megatron_mile import checkpointing, interrupts, metrics, optim, run_dir, runtime
+from megatron_mile.arguments import model_shape, virtual_pipeline_stages
 from megatron_mile.checkpointing import TrainingState
 from megatron_mile.data import build_pretraining_datasets, build_tokenizer, load_blend
+from megatron_mile.data.errors import DataError
 from megatron_mile.loss import weighted_lm_loss
-from megatron_mile.model import build_model_chunks, build_transformer_config, count_parameters, padded_vocab_size
+from megatron_mile.model import (build_model_chunks, build_transformer_config, count_parameters, optional_kernels,
+                                 padded_vocab_size)
 
 STAT_KEYS = ("loss", "ce", "entropy", "alpha")
 
@@ -44,9 +47,13 @@ class TrainingAborted(RuntimeError):
 # ------------------------------------------------------------------------- batches
 
 
-def micro_batches(dataset, first_sample: int, global_batch_size: int, micro_batch_size: int,
+def micro_batches(dataset, first_sample: int, global_batch_size: int, micro_batch_size: int, vocab_size: int,
                   ) -> list[dict[str, torch.Tensor]]:
-    """This data-parallel rank's micro-batches of the global batch starting at ``first_sample``."""
+    """This data-parallel rank's micro-batches of the global batch starting at ``first_sample``.
+
+    Token ids must be below ``vocab_size``: data preprocessed with another tokenizer is
+    refused here, on every rank, before the model sees it.
+    """
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     per_rank = global_batch_size // dp_size
@@ -54,8 +61,13 @@ def micro_batches(dataset, first_sample: int, global_batch_size: int, micro_batc
     batches = []
     for offset in range(0, per_rank, micro_batch_size):
         samples = [dataset[(start + offset + i) % len(dataset)] for i in range(micro_batch_size)]
-        batches.append({key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                        for key in ("tokens", "labels", "loss_mask", "position_ids")})
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        top = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
+        if top >= vocab_size:
+            raise DataError(f"--data-path holds token id {top}, but --tokenizer-model has {vocab_size} tokens: "
+                            "the data was preprocessed with another tokenizer")
+        batches.append(batch)
     return batches
 
 
@@ -72,8 +84,13 @@ def _data_iterators(batches: list[dict[str, torch.Tensor]], num_chunks: int) -> 
 class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        # Before any process group exists, like every check that reads only the flags and the disk.
+        self.start = run_dir.plan_start(args)
+        self.exits = interrupts.ExitConditions(args.exit_signal if args.exit_signal_handler else None,
+                                               args.exit_duration_in_mins)
         self.rt = runtime.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                     self._virtual_stages(), args.seed)
+                                     virtual_pipeline_stages(args), args.seed,
+                                     timeout_minutes=args.distributed_timeout_minutes)
         self.shape = model_shape(args)
         self.tokenizer = build_tokenizer(args.tokenizer_model, args.tokenizer_type)
         self.vocab_size = self.tokenizer.vocab_size
@@ -83,52 +100,59 @@ class Trainer:
             self.shape, tp=self.rt.tp, pp=self.rt.pp, vp=self.rt.vp, sequence_parallel=args.sequence_parallel,
             bf16=args.bf16, recompute_activations=args.recompute_activations)
         self.chunks = build_model_chunks(self.config, self.vocab_size, self.shape.seq_length, args.seed,
-                                         self.rt.device)
-        saved_format = checkpointing.saved_optimizer_format(args.load) if args.load and not args.no_load_optim else None
+                                         self.rt.device, vocab_divisible_by=args.make_vocab_size_divisible_by,
+                                         rotary_base=self.shape.rotary_base)
+        kernels = {**optional_kernels(self.config), "optimizer": optim.adam_implementation()}
+        log.info("kernels: %s", " | ".join(f"{part} {kind}" for part, kind in kernels.items()))
+        loads_optimizer = self.start.load and not self.start.weights_only and not args.no_load_optim
+        saved_format = checkpointing.saved_optimizer_format(self.start.load) if loads_optimizer else None
         distributed, note = optim.choose_distributed_optimizer(args.use_distributed_optimizer, self.rt.dp, saved_format)
         if note and self.rt.is_logging_rank:
             log.info(note)
-        self.settings = optim.OptimSettings(
-            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-            lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
-            lr_decay_style=args.lr_decay_style, use_distributed_optimizer=distributed)
+        self.settings = dataclasses.replace(optim.OptimSettings.from_args(args), use_distributed_optimizer=distributed)
         self.model = optim.wrap_data_parallel(self.config, self.chunks, self.settings)
         self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
         self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)
         self.state = TrainingState()
-        if args.load:
-            loaded = checkpointing.load_checkpoint(args.load, self.chunks, self.optimizer, self.scheduler,
-                                                   self.vocab_size, load_optimizer=not args.no_load_optim)
-            if loaded:
-                self.state = loaded
-                self._log(f"resumed from {args.load} at iteration {loaded.iteration}")
-        save_dir = args.save or args.load
+        if self.start.overwrite:
+            # Only now, with the configuration checked and the data and model built.
+            removed = run_dir.remove_earlier_run(args) if self.rt.rank == 0 else None
+            if removed:
+                print(removed, flush=True)
+            dist.barrier()
+        if self.start.notice:
+            self._log(self.start.notice)
+        if self.start.weights_only:
+            # Iteration 0, with this run's fresh optimizer, schedule, RNG and data position.
+            path = checkpointing.find_checkpoint(self.start.load)
+            checkpointing.load_model_weights(path, self.chunks, self.vocab_size)
+            self.optimizer.reload_model_params()
+            self._log(f"loaded the model weights of {path} alone: starting at iteration 0")
+        elif self.start.load:
+            self.state = checkpointing.load_checkpoint(self.start.load, self.chunks, self.optimizer, self.scheduler,
+                                                       self.vocab_size, load_optimizer=not args.no_load_optim)
+            self._log(f"resumed from {self.start.load} at iteration {self.state.iteration}")
+        self.last_checkpoint = checkpointing.latest_iteration(args.save) if args.save else None
         self.logger = metrics.MetricsLogger(
-            enabled=self.rt.is_logging_rank,
-            metrics_file=args.metrics_file or (os.path.join(save_dir, "metrics.jsonl") if save_dir else None),
-            tensorboard_dir=args.tensorboard_dir or (os.path.join(save_dir, "tensorboard") if save_dir else None),
-            wandb_project=args.wandb_project, wandb_name=args.wandb_exp_name, config=vars(args))
+            enabled=self.rt.is_logging_rank, metrics_file=run_dir.metrics_file(args),
+            tensorboard_dir=run_dir.tensorboard_dir(args), wandb_project=args.wandb_project,
+            wandb_name=args.wandb_exp_name, config=vars(args),
+            resumed_at=self.state.iteration if self.start.resume else None)
         tokens_per_iter = args.global_batch_size * self.shape.seq_length
         self.throughput = metrics.Throughput(tokens_per_iter, metrics.flops_per_token(self.shape, self.vocab_size),
                                              self.rt.world_size, args.train_iters)
-
-    def _virtual_stages(self) -> int | None:
-        per_stage = self.args.num_layers_per_virtual_pipeline_stage
-        if per_stage is None:
-            return None
-        stages = model_shape(self.args).num_layers // (self.args.pipeline_model_parallel_size * per_stage)
-        return stages if stages > 1 else None  # one chunk per stage is plain 1F1B
 
     def _build_data(self) -> None:
         args = self.args
         blend = load_blend(args.data_path)
         gbs = args.global_batch_size
+        cache = args.data_cache_path or (os.path.join(args.save, "data_cache") if args.save else None)
+        if cache is None:
+            log.info("no --save or --data-cache-path: the blend's sample indexes are built again at every start")
         datasets = build_pretraining_datasets(
             blend, self.tokenizer, self.shape.seq_length, args.seed,
             train_samples=args.train_iters * gbs, valid_samples=args.eval_iters * gbs, test_samples=0,
-            split=args.split,
-            path_to_cache=args.data_cache_path or (os.path.join(args.save, "data_cache") if args.save else None))
+            split=args.split, path_to_cache=cache)
         self.train_data = datasets.train
         self.valid_data = datasets.valid
         self.domain_valid = datasets.domain_valid
@@ -177,36 +201,23 @@ class Trainer:
             values /= parallel_state.get_data_parallel_world_size()
         return dict(zip(STAT_KEYS, values.tolist()))
 
-    def _grads_finite(self, stats: dict[str, float]) -> bool:
-        """One MIN all-reduce over the world: finite loss on the last stage and finite grads everywhere."""
-        loss_finite = all(math.isfinite(stats[k]) for k in STAT_KEYS) or not parallel_state.is_pipeline_last_stage()
-        flag = torch.tensor([float(loss_finite)], device=self.rt.device)
-        for ddp in self.model:
-            for buffer in ddp.buffers:
-                # A buffer is finite iff its min and max are (NaN propagates into both): one
-                # pass without temporaries, where isfinite() makes several. It stays on the
-                # device: one host sync for the whole check, in the all-reduce.
-                flag.mul_(torch.isfinite(torch.stack(torch.aminmax(buffer.grad_data))).all())
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
     def train_step(self) -> tuple[dict[str, float], float | None]:
         """One global batch. Returns the stats and the grad norm (None when the step was skipped)."""
         for ddp in self.model:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         batches = micro_batches(self.train_data, self.state.consumed_samples, self.args.global_batch_size,
-                                self.args.micro_batch_size)
+                                self.args.micro_batch_size, self.vocab_size)
         stats = self._run_schedule(batches, forward_only=False)
         self.state.consumed_samples += self.args.global_batch_size
         self.state.iteration += 1
-        if not self._grads_finite(stats):
-            return stats, None
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok or grad_norm is None or not math.isfinite(grad_norm):
-            return stats, None
-        self.scheduler.step(increment=1)
-        return stats, float(grad_norm)
+        # Only the last stage has the loss; the other stages' stats are placeholders.
+        loss_is_finite = (not parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                          or all(map(math.isfinite, stats.values())))
+        grad_norm = optim.step_if_finite(self.optimizer, loss_is_finite, self.rt.device)
+        if grad_norm is not None:
+            self.scheduler.step(increment=1)
+        return stats, grad_norm
 
     # --------------------------------------------------------------------- evaluation
 
@@ -217,8 +228,8 @@ class Trainer:
         totals = dict.fromkeys(STAT_KEYS, 0.0)
         gbs = self.args.global_batch_size
         for i in range(self.args.eval_iters):
-            stats = self._run_schedule(micro_batches(dataset, i * gbs, gbs, self.args.micro_batch_size),
-                                       forward_only=True)
+            stats = self._run_schedule(micro_batches(dataset, i * gbs, gbs, self.args.micro_batch_size,
+                                                     self.vocab_size), forward_only=True)
             for k in STAT_KEYS:
                 totals[k] += stats[k] / self.args.eval_iters
         for ddp in self.model:
@@ -226,7 +237,7 @@ class Trainer:
         return totals
 
     def evaluate(self) -> None:
-        """Log-ppl (mean CE) on the blended validation set and on every domain's."""
+        """Log-ppl (mean NLL, never label-smoothed) on the blended validation set and every domain's."""
         record: dict[str, Any] = {"iteration": self.state.iteration,
                                   "consumed_tokens": self.state.consumed_samples * self.shape.seq_length}
         if self.valid_data is not None:
@@ -253,12 +264,14 @@ class Trainer:
                                              self.state, self.vocab_size, run_args=vars(self.args),
                                              fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable)
         self._log(f"saved checkpoint {path}")
+        self.last_checkpoint = self.state.iteration
 
     def train(self) -> None:
         args = self.args
         params = count_parameters(self.shape, self.vocab_size)
+        padded = padded_vocab_size(self.vocab_size, self.rt.tp, args.make_vocab_size_divisible_by)
         self._log(f"training {params / 1e6:.1f}M parameters {self.shape} | vocab {self.vocab_size} (padded "
-                  f"{padded_vocab_size(self.vocab_size, self.rt.tp)}) | TP {self.rt.tp} PP {self.rt.pp} "
+                  f"{padded}) | TP {self.rt.tp} PP {self.rt.pp} "
                   f"DP {self.rt.dp} VP {self.rt.vp} | micro-batches {self.num_microbatches} | loss {args.loss}")
         skipped_in_a_row = 0
         window: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
@@ -290,12 +303,21 @@ class Trainer:
             if args.save_interval and self.state.iteration % args.save_interval == 0:
                 self.save()
                 self.throughput.restart()
-            if args.exit_interval and self.state.iteration % args.exit_interval == 0:
-                self._log(f"exiting at iteration {self.state.iteration} (--exit-interval {args.exit_interval})")
+            stop = self._stop_reason()
+            if stop:
+                self._log(f"exiting at iteration {self.state.iteration}: {stop}")
                 break
-        if args.save and (not args.save_interval or self.state.iteration % args.save_interval):
+        if args.save and self.last_checkpoint != self.state.iteration:
             self.save()
-        self.logger.close()
+
+    def _stop_reason(self) -> str | None:
+        """Why the run stops after this iteration, short of --train-iters; None to go on."""
+        if self.args.exit_interval and self.state.iteration % self.args.exit_interval == 0:
+            return f"--exit-interval {self.args.exit_interval}"
+        return self.exits.reason(self.rt.device)
+
+    def interrupt_message(self) -> str:
+        return interrupts.interrupt_message(self.state.iteration, self.args.save, self.last_checkpoint)
 
     def _log_window(self, window: dict[str, float], steps: int, grad_norm: float, skipped: int) -> None:
         values: dict[str, Any] = {"iteration": self.state.iteration,
@@ -308,8 +330,19 @@ class Trainer:
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    trainer = Trainer(args)
+    """Build and train; Ctrl-C raises ``interrupts.Interrupted`` with the line to print.
+
+    The caller shuts the process group down (``runtime.shutdown``), after reporting any error.
+    """
+    trainer = None
     try:
+        trainer = Trainer(args)
         trainer.train()
+    except KeyboardInterrupt:
+        if trainer is None:
+            last = checkpointing.latest_iteration(args.save) if args.save else None
+            raise interrupts.Interrupted(interrupts.interrupt_message(None, args.save, last)) from None
+        raise interrupts.Interrupted(trainer.interrupt_message()) from None
     finally:
-        runtime.shutdown()
+        if trainer is not None:
+            trainer.logger.close()

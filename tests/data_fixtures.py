@@ -53,8 +53,25 @@ def train_sentencepiece(path: str, vocab_size: int = 300) -> str:
     return path
 
 
-def train_hf_tokenizer(directory: str) -> str:
-    """A tiny byte-level BPE fast tokenizer saved as an HF directory with an eos token."""
+def source_lines(n: int) -> list[str]:
+    """The first ``n`` non-empty lines of a few standard-library modules: real text with
+    indentation, runs of spaces, punctuation, code and prose, the same on every machine
+    with this Python."""
+    import argparse
+    import difflib
+    import textwrap
+
+    lines = []
+    for module in (textwrap, difflib, argparse):
+        with open(module.__file__, encoding="utf-8") as f:
+            lines += [line for line in f.read().splitlines() if line.strip()]
+    assert len(lines) >= n, f"only {len(lines)} source lines"
+    return lines[:n]
+
+
+def train_hf_tokenizer(directory: str, lines: list[str] | None = None) -> str:
+    """A tiny byte-level BPE fast tokenizer saved as an HF directory with an eos token
+    (trained on ``lines``, by default the text of ``documents(400)``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -62,7 +79,7 @@ def train_hf_tokenizer(directory: str) -> str:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([r["text"] for r in documents(400)], trainer)
+    tok.train_from_iterator(lines if lines is not None else [r["text"] for r in documents(400)], trainer)
     os.makedirs(directory, exist_ok=True)
     tok.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:

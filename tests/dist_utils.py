@@ -1,8 +1,8 @@
 """Run a test body on several gloo ranks in fresh spawned processes.
 
-Each rank gets ``torch.distributed`` initialised on gloo over a file store, one
-intra-op thread (the CI machine has 2 cores), and returns a picklable value
-(python numbers, lists, numpy arrays) to the parent.
+Each rank gets ``torch.distributed`` initialised on gloo over a file store and one
+intra-op thread (so 2-4 ranks share a small machine's cores without oversubscribing
+them), and returns a picklable value (python numbers, lists, numpy arrays) to the parent.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_BENCH = os.path.join(REPO, "benchmarks", "loss_bench.py")
+sys.path.insert(0, os.path.dirname(LOSS_BENCH))
+
+import loss_bench  # noqa: E402
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -77,3 +81,23 @@ def test_train_bench_keeps_a_failing_runs_whole_output():
         bench.run_captured("fails", [sys.executable, "-c", script], dict(os.environ), timeout=60)
     message = str(failed.value)
     assert message.startswith("fails: exit code 3") and "first line" in message and "x" * 10000 in message
+
+
+def _rank_1_dies(rank, tp, store, mode, cases, args, results):
+    """Rank 1 joins the process group and dies (as an out-of-memory kill would); rank 0 runs the
+    benchmark's own worker, which then waits for rank 1 in a collective."""
+    if rank == 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=tp)
+        os._exit(3)
+    loss_bench._worker(rank, tp, store, mode, cases, args, results)
+
+
+def test_loss_bench_fails_within_seconds_when_a_rank_dies():
+    args = argparse.Namespace(rows=64, vocab=512, repeats=1, device="cpu", dtype="fp32")
+    start = time.monotonic()
+    with pytest.raises(loss_bench.WorkerFailed, match="rank 1 of the TP=2 time run exited with code 3"):
+        loss_bench.spawn(2, "time", ["megatron_ce"], args, target=_rank_1_dies)
+    # rank 0 alone would wait for gloo's 30-minute timeout
+    assert time.monotonic() - start < 120

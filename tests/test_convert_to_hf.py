@@ -23,7 +23,8 @@ from megatron_mile.data.preprocess import PreprocessConfig, preprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERTER = os.path.join(REPO, "checkpoint_conversion", "convert_to_hf.py")
-VOCAB = 300  # padded to 512 at TP=2 and 384 at TP=1: the converter must use the saved padding
+VOCAB = 300  # padded to 512 at TP=2 (384 with --make-vocab-size-divisible-by 64): the converter must use
+             # the saved padding
 
 
 def _env() -> dict[str, str]:
@@ -46,7 +47,7 @@ def converted(request, tmp_path_factory) -> dict[str, str]:
              "--lr-decay-style", "constant", "--micro-batch-size", "2", "--global-batch-size", "4",
              "--eval-interval", "100", "--log-interval", "4", "--save", save]
     if request.param == "bfloat16":
-        train += ["--bf16", "--sequence-parallel"]
+        train += ["--bf16", "--sequence-parallel", "--make-vocab-size-divisible-by", "64"]
     done = subprocess.run(train, capture_output=True, text=True, env=_env(), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     out = str(root / "hf")
@@ -56,20 +57,24 @@ def converted(request, tmp_path_factory) -> dict[str, str]:
     return {"save": save, "hf": out, "tokenizer": tokenizer, "dtype": request.param}
 
 
-def _megatron_logits(rank: int, world_size: int, save: str, sequences: list[list[int]]) -> list[np.ndarray]:
+def _megatron_logits(rank: int, world_size: int, save: str, dtype: str, sequences: list[list[int]],
+                     ) -> list[np.ndarray]:
     """Reference: the same checkpoint loaded into a megatron-core model at TP=1, on one rank."""
     from megatron.core import dist_checkpointing
 
     from megatron_mile import runtime
     from megatron_mile.checkpointing import checkpoint_dir, latest_iteration
-    from megatron_mile.model import PRESETS, build_model_chunks, build_transformer_config, padded_vocab_size
+    from megatron_mile.model import PRESETS, build_model_chunks, build_transformer_config
 
     runtime.initialize(1, 1)
     path = checkpoint_dir(save, latest_iteration(save))
     common = dist_checkpointing.load_common_state_dict(path)
     shape = PRESETS["tiny"]
-    rows = padded_vocab_size(common["vocab_size"], common["layout"]["tp"])
-    model = build_model_chunks(build_transformer_config(shape), rows, shape.seq_length, 0, torch.device("cpu"))[0]
+    # 300 padded to a multiple of 128 × TP=2, or of 64 × TP=2 in the bf16 run.
+    rows = {"float32": 512, "bfloat16": 384}[dtype]
+    assert dist_checkpointing.load_tensors_metadata(path)["embedding.word_embeddings.weight"].global_shape[0] == rows
+    model = build_model_chunks(build_transformer_config(shape), rows, shape.seq_length, 0, torch.device("cpu"),
+                               vocab_divisible_by=1)[0]
     model.load_state_dict(dist_checkpointing.load({"model0": model.sharded_state_dict()}, path)["model0"])
     model.eval()
     out = []
@@ -88,7 +93,7 @@ def test_hf_logits_match_megatron(converted):
 
     rng = np.random.default_rng(0)
     sequences = [rng.integers(0, VOCAB, size=n).tolist() for n in (128, 37, 5)]
-    reference = run_ranks(_megatron_logits, 1, converted["save"], sequences)[0]
+    reference = run_ranks(_megatron_logits, 1, converted["save"], converted["dtype"], sequences)[0]
 
     # Loaded in float32 either way: a bf16 export holds the checkpoint's bf16 values exactly,
     # and the megatron reference computes in float32 from those same values.
@@ -141,3 +146,18 @@ def test_tokenizer_export_hf_directory(tmp_path):
     hf_tokenizer.verify(source, None, str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert tokenizer.eos_token == "</s>" and tokenizer.model_max_length == 128
+
+
+@pytest.mark.parametrize("max_shard_bytes", [1 << 30, 8], ids=["one_file", "sharded"])
+def test_weights_get_the_modes_of_the_umask(tmp_path, max_shard_bytes):
+    """Readable by the group on a shared filesystem when the umask says so (safetensors alone gives 0600)."""
+    sys.path.insert(0, REPO)
+    from checkpoint_conversion.convert_to_hf import write_safetensors
+
+    previous = os.umask(0o027)
+    try:
+        write_safetensors({"a": torch.zeros(4), "b": torch.ones(4)}, str(tmp_path), max_shard_bytes)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert len(modes) == (1 if max_shard_bytes > 8 else 3) and set(modes.values()) == {0o640}, modes

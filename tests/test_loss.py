@@ -8,18 +8,22 @@ counts its all-reduces by wrapping ``torch.distributed.all_reduce``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_utils import run_ranks
 from megatron_mile.loss import vocab_parallel_ce_and_entropy, weighted_lm_loss
 
 F64 = torch.float64
 # Single-rank cases run their loss here; the float64 reference always runs on the CPU.
-# On a GPU machine: MEGATRON_MILE_TEST_DEVICE=cuda pytest tests/test_loss.py -k single_rank_or_extreme_or_gamma
+# On a GPU machine: MEGATRON_MILE_TEST_DEVICE=cuda pytest tests/test_loss.py -k "single_rank or extreme or gamma
+# or host_sync or no_gradient" (benchmarks/gpu_smoke.sh runs that).
 DEVICE = torch.device(os.environ.get("MEGATRON_MILE_TEST_DEVICE", "cpu"))
 
 
@@ -27,20 +31,20 @@ DEVICE = torch.device(os.environ.get("MEGATRON_MILE_TEST_DEVICE", "cpu"))
 
 
 def ref_terms(z: torch.Tensor, target: torch.Tensor, vocab: int, eps: float):
-    """CE (label-smoothed with eps), entropy and p_target of full logits z over the first `vocab` columns."""
+    """CE (label-smoothed with eps), entropy, p_target and NLL of full logits z over the first `vocab` columns."""
     logp = z[..., :vocab].log_softmax(-1)
     nll = -logp.gather(-1, target[..., None]).squeeze(-1)
     ce = (1 - eps) * nll - eps * logp.mean(-1)
     entropy = -(logp.exp() * logp).sum(-1)
-    return ce, entropy, torch.exp(-nll)
+    return ce, entropy, torch.exp(-nll), nll
 
 
-def ref_weights(z, target, vocab, eps, kind, gamma, sigma):
-    _, entropy, p_target = ref_terms(z.detach(), target, vocab, eps)
+def ref_weights(z, target, mask, vocab, eps, kind, gamma, sigma):
+    _, entropy, _, nll = ref_terms(z.detach(), target, vocab, eps)
     if kind == "ce":
         return torch.ones_like(entropy)
-    if kind == "focal":
-        return (1 - p_target) ** gamma
+    if kind == "focal":  # the original trainer: CE is 0 at an ignored position, so p_target is 1 there
+        return (1 - torch.exp(-nll * mask)) ** gamma
     return (sigma + entropy) ** gamma
 
 
@@ -49,18 +53,19 @@ def reference(zs, ts, ms, me, kind, gamma=1.0, sigma=1.0, alpha_mode="global", v
     vocab = vocab or zs[0].shape[-1]
     zs = [z.to(F64) for z in zs]
     ms = [m.to(F64) for m in ms]
-    ws = [ref_weights(z, t, vocab, eps, kind, gamma, sigma) for z, t in zip(zs, ts)]
+    ws = [ref_weights(z, t, m, vocab, eps, kind, gamma, sigma) for z, t, m in zip(zs, ts, ms)]
     if alpha_mode == "global":
         alpha = sum(m.sum() for m in ms) / sum((m * w).sum() for m, w in zip(ms, ws))
     else:
         alpha = sum(1 / w.mean() for w in ws) / len(ws)
     z = zs[me].clone().requires_grad_()
-    ce, entropy, _ = ref_terms(z, ts[me], vocab, eps)
+    ce, entropy, _, nll = ref_terms(z, ts[me], vocab, eps)
     m, w = ms[me], ws[me]
     terms = m * alpha * w * ce
     loss = terms.sum() / m.sum() if alpha_mode == "global" else terms.mean()
     loss.backward()
-    stats = {"ce": (m * ce).sum() / m.sum(), "entropy": (m * entropy).sum() / m.sum(), "alpha": alpha}
+    # The logged "ce" is the plain NLL (log-perplexity) whatever the smoothing of the training CE.
+    stats = {"ce": (m * nll).sum() / m.sum(), "entropy": (m * entropy).sum() / m.sum(), "alpha": alpha}
     return loss.detach(), z.grad, {k: v.detach() for k, v in stats.items()}
 
 
@@ -131,14 +136,14 @@ def test_single_rank_matches_float64_reference(dtype, kind, inplace, vocab, eps,
 def test_extreme_and_peaked_logits_are_finite_and_exact(dtype, style):
     z, t, m = make_data(2, 1, 64, None, dtype, style)
     leaf = z[0].to(DEVICE).clone().requires_grad_()
-    ce, entropy, p_target = vocab_parallel_ce_and_entropy(leaf, t[0].to(DEVICE))
+    ce, entropy, p_target, nll = vocab_parallel_ce_and_entropy(leaf, t[0].to(DEVICE))
     loss, _ = weighted_lm_loss(leaf, t[0].to(DEVICE), m[0].to(DEVICE), kind="mile")
     loss.backward()
-    ref_ce, ref_entropy, ref_p = ref_terms(z[0].to(F64), t[0], 64, 0.0)
+    ref_ce, ref_entropy, ref_p, _ = ref_terms(z[0].to(F64), t[0], 64, 0.0)
     _, ref_grad, _ = reference(z, t, m, 0, "mile")
-    for value in (ce, entropy, p_target, loss, leaf.grad):
+    for value in (ce, entropy, p_target, nll, loss, leaf.grad):
         assert torch.isfinite(value).all()
-    assert rel_err(ce, ref_ce) < 1e-6
+    assert rel_err(ce, ref_ce) < 1e-6 and torch.equal(ce, nll)
     assert float((entropy.cpu() - ref_entropy).abs().max()) < 1e-5  # H is ~0 or ~log(#ties) here
     assert float((p_target.cpu() - ref_p).abs().max()) < 1e-6
     assert rel_err(leaf.grad, ref_grad) < TOL[dtype][1]
@@ -185,6 +190,114 @@ def test_inplace_reuses_the_logits_buffer_and_keeps_gradients(dtype):
     assert torch.equal(leaf.grad, grads[False].transpose(0, 1))
 
 
+def test_statistics_have_no_gradient():
+    """Only ce is differentiable: entropy, p_target and nll are constants, not silently zero-gradient nodes."""
+    z, t, _ = make_data(5, 1, 64, None, torch.float32)
+    leaf = z[0].to(DEVICE).clone().requires_grad_()
+    terms = vocab_parallel_ce_and_entropy(leaf, t[0].to(DEVICE), label_smoothing=0.1)
+    assert terms.ce.requires_grad and terms.ce.grad_fn is not None
+    for name in ("entropy", "p_target", "nll"):
+        value = getattr(terms, name)
+        assert not value.requires_grad and value.grad_fn is None, name
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            value.sum().backward()
+    (terms.ce.sum() + terms.entropy.sum()).backward()  # the entropy term adds a constant, no gradient
+    ref_leaf = z[0].to(F64).requires_grad_()
+    ref_terms(ref_leaf, t[0], 64, 0.1)[0].sum().backward()
+    assert rel_err(leaf.grad, ref_leaf.grad) < TOL[torch.float32][1]
+
+
+# ---------------------------------------------------------------- host syncs
+
+
+class HostSync(AssertionError):
+    pass
+
+
+# Ops whose result the host has to wait for on a GPU: .item() / bool() / int() / float() all go
+# through _local_scalar_dense; the others have a data-dependent output size.
+_SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+             "aten::nonzero_numpy", "aten::argwhere", "aten::masked_select", "aten::_unique2",
+             "aten::unique_dim", "aten::unique_consecutive", "aten::repeat_interleave"}
+_INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+
+class _SyncDispatchGuard(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in _SYNC_OPS or (name == "aten::where" and len(args) == 1):
+            raise HostSync(f"host sync: {func}")
+        if name in _INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                      for i in args[1]):
+            raise HostSync(f"host sync: {func} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+class _SyncFunctionGuard(TorchFunctionMode):
+    _METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._METHODS:
+            raise HostSync(f"host sync: Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Fails on any data-dependent host sync in the block (autograd's backward included)."""
+    with _SyncFunctionGuard(), _SyncDispatchGuard():
+        yield
+
+
+class _SyncInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float(grad.sum())
+
+
+def test_host_sync_guard_catches_planted_syncs():
+    x = torch.randn(8, device=DEVICE)
+    planted = {
+        "item": lambda: x.sum().item(),
+        "bool": lambda: bool(x.sum() > 0),
+        "float": lambda: float(x.max()),
+        "tolist": lambda: x.tolist(),
+        "nonzero": lambda: x.nonzero(),
+        "where_1arg": lambda: torch.where(x > 0),
+        "mask_index": lambda: x[x > 0],
+        "unique": lambda: torch.unique(x),
+        "backward": lambda: _SyncInBackward.apply(x.clone().requires_grad_()).sum().backward(),
+        "range_check": lambda: vocab_parallel_ce_and_entropy(torch.randn(2, 4, device=DEVICE),
+                                                             torch.zeros(2, dtype=torch.long, device=DEVICE),
+                                                             check_target_range=True),
+    }
+    for name, call in planted.items():
+        with pytest.raises(HostSync), no_host_sync():
+            call()
+        call()  # and each runs fine outside the guard
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_host_sync_in_forward_and_backward(dtype):
+    """With the range check off (the GPU default) nothing waits for the device, as in megatron-core's CE."""
+    z, t, m = make_data(6, 1, 64, 57, dtype, shape=(33, 2))  # 66 rows: several chunks on GPU too
+    for kind, alpha_mode, eps, inplace in (("mile", "global", 0.1, True), ("focal", "legacy", 0.0, False),
+                                           ("ce", "global", 0.0, True)):
+        leaf = z[0].to(DEVICE).clone().requires_grad_()
+        with no_host_sync():
+            loss, stats = weighted_lm_loss(leaf.clone() if inplace else leaf, t[0].to(DEVICE), m[0].to(DEVICE),
+                                           kind=kind, alpha_mode=alpha_mode, vocab_size=57, label_smoothing=eps,
+                                           inplace=inplace, check_target_range=False)
+            loss.backward()
+        ref_loss, ref_grad, ref_stats = reference(z, t, m, 0, kind, alpha_mode=alpha_mode, vocab=57, eps=eps)
+        assert rel_err(loss, ref_loss) < TOL[dtype][0] and rel_err(stats["ce"], ref_stats["ce"]) < TOL[dtype][0]
+        assert rel_err(leaf.grad, ref_grad) < TOL[dtype][1]
+
+
 def test_bad_inputs_raise_value_error_naming_the_argument():
     z = torch.randn(2, 3, 8)
     t = torch.randint(0, 8, (2, 3))
@@ -212,7 +325,7 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
 # ---------------------------------------------------------------- peak memory (fresh process)
 
 
-def _peak_extra_rank(rank: int, world_size: int, rows: int, columns: int) -> dict[str, float]:
+def _peak_extra_rank(rank: int, world_size: int) -> dict[str, float]:
     """Peak resident memory above the logits during forward+backward, in units of the logits' bytes.
 
     The process starts with MALLOC_MMAP_THRESHOLD_ set, so every large buffer is its own mmap and
@@ -226,13 +339,19 @@ def _peak_extra_rank(rank: int, world_size: int, rows: int, columns: int) -> dic
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from loss_bench import LogitsHarness, peak_extra_rss
 
-    harness = LogitsHarness(rows, columns, tp=1, rank=0, device="cpu", dtype=torch.float32)
     cases = {
         "inplace": lambda x, t, m: weighted_lm_loss(x, t, m, inplace=True)[0],
         "out_of_place": lambda x, t, m: weighted_lm_loss(x, t, m)[0],
         "torch_cross_entropy": lambda x, t, m: F.cross_entropy(x, t),  # sanity: the method sees buffers
     }
-    return {name: peak_extra_rss(harness, fn) for name, fn in cases.items()}
+    extra = {}
+    # fp32 at a CPU-cache-bound chunk; bf16 where the chunk is bound by its share of the logits
+    # (rows / 64), the bound that decides a GPU's chunk.
+    for dtype, rows, columns in ((torch.float32, 1024, 16000), (torch.bfloat16, 256, 32000)):
+        harness = LogitsHarness(rows, columns, tp=1, rank=0, device="cpu", dtype=dtype)
+        for name, fn in cases.items():
+            extra[f"{name}_{str(dtype)[6:]}"] = peak_extra_rss(harness, fn)
+    return extra
 
 
 def test_peak_extra_memory_inplace_and_out_of_place(monkeypatch):
@@ -242,10 +361,11 @@ def test_peak_extra_memory_inplace_and_out_of_place(monkeypatch):
     except OSError:
         pytest.skip("needs /proc/self/clear_refs to reset the peak RSS")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    (extra,) = run_ranks(_peak_extra_rank, 1, 1024, 16000)
-    assert extra["torch_cross_entropy"] > 1.9, extra  # the measurement does see full-size buffers
-    assert extra["inplace"] <= 0.1, extra
-    assert extra["out_of_place"] <= 1.1, extra
+    (extra,) = run_ranks(_peak_extra_rank, 1)
+    for dtype in ("float32", "bfloat16"):
+        assert extra[f"torch_cross_entropy_{dtype}"] > 1.9, extra  # the measurement does see full-size buffers
+        assert extra[f"inplace_{dtype}"] <= 0.1, extra
+        assert extra[f"out_of_place_{dtype}"] <= 1.1, extra
 
 
 # ---------------------------------------------------------------- TP / DP groups (spawned gloo ranks)
@@ -287,7 +407,7 @@ def _parallel_rank(rank: int, world_size: int, tp: int) -> dict[str, dict]:
         shard = z[dp_rank][..., tp_rank * part:(tp_rank + 1) * part]
         leaf = shard.clone().requires_grad_()
         calls.clear()
-        ce, entropy, p_target = vocab_parallel_ce_and_entropy(leaf.clone() if inplace else leaf, t[dp_rank],
+        ce, entropy, p_target, nll = vocab_parallel_ce_and_entropy(leaf.clone() if inplace else leaf, t[dp_rank],
                                                               vocab_size=vocab, label_smoothing=eps, inplace=inplace)
         ce_calls = list(calls)
         calls.clear()
@@ -297,11 +417,11 @@ def _parallel_rank(rank: int, world_size: int, tp: int) -> dict[str, dict]:
         loss_calls = list(calls)
         loss.backward()
         ref_loss, ref_grad, ref_stats = reference(z, t, m, dp_rank, kind, 1.0, 1.0, alpha_mode, vocab, eps)
-        ref_ce, ref_entropy, ref_p = ref_terms(z[dp_rank].to(F64), t[dp_rank], vocab or columns, eps)
-        values = (ce, entropy, p_target, loss, leaf.grad)
+        ref_ce, ref_entropy, ref_p, ref_nll = ref_terms(z[dp_rank].to(F64), t[dp_rank], vocab or columns, eps)
+        values = (ce, entropy, p_target, nll, loss, leaf.grad)
         results[name] = {
             "finite": all(bool(torch.isfinite(v).all()) for v in values),
-            "ce": rel_err(ce, ref_ce),
+            "ce": max(rel_err(ce, ref_ce), rel_err(nll, ref_nll)),
             "entropy_abs": float((entropy - ref_entropy).abs().max()),
             "p_target_abs": float((p_target - ref_p).abs().max()),
             "loss": rel_err(loss, ref_loss),

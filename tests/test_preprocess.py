@@ -185,6 +185,28 @@ def test_cli_exit_codes_and_messages(tmp_path, sp_model):
     missing = subprocess.run(tool + ["--input", str(tmp_path / "nope*.jsonl")] + base, capture_output=True, text=True)
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"error: --input {tmp_path / 'nope*.jsonl'}: no such file"
+    empty = subprocess.run(tool + ["--input", write(str(tmp_path / "empty.jsonl"), b"")] + base, capture_output=True,
+                           text=True)
+    assert (empty.returncode, empty.stdout, empty.stderr) == (1, "", "error: no documents written: the input is empty\n")
+    directory = subprocess.run(tool + ["--input", str(tmp_path)] + base, capture_output=True, text=True)
+    assert directory.returncode == 1
+    assert directory.stderr.strip() == f"error: --input {tmp_path}: is a directory; pass a glob such as " \
+                                       f"{tmp_path}/*.jsonl.zst"
+
+
+@pytest.mark.parametrize("lines,why", [
+    ([], "the input is empty"),
+    ([b"", b"  "], "the input holds only blank lines"),
+    ([BAD_LINES["missing key"], BAD_LINES["not JSON"], BAD_LINES["missing key"]],
+     "every line was skipped (missing key: 2, not JSON: 1), the first at {path}:1: missing key 'text'"),
+])
+@pytest.mark.parametrize("domains", [None, "meta.pile_set_name"], ids=["plain", "by_domain"])
+def test_no_document_written_is_an_error_and_leaves_nothing(tmp_path, sp_model, lines, why, domains):
+    path = write(str(tmp_path / "in.jsonl"), b"".join(line + b"\n" for line in lines))
+    with pytest.raises(PreprocessError) as err:
+        run(tmp_path, sp_model, [path], split_by_domain=domains)
+    assert str(err.value) == f"no documents written: {why.format(path=path)}"
+    assert list(tmp_path.glob("out/*")) == []
 
 
 def test_train_tokenizer_cli(tmp_path):

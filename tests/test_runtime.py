@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dist_utils import run_ranks
+from training_utils import optim_settings
 
 VOCAB, SEQ, MBS = 500, 16, 2
 
@@ -35,8 +36,8 @@ def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, 
     rt = runtime.initialize(tp, pp, seed=7)
     cfg = mm.build_transformer_config(mm.PRESETS["tiny"], tp=tp, pp=pp)
     chunks = mm.build_model_chunks(cfg, VOCAB, SEQ, seed=7, device=rt.device)
-    settings = optim.OptimSettings(lr=1e-2, clip_grad=0.05, lr_warmup_iters=0,
-                                   use_distributed_optimizer=distributed_optimizer)
+    settings = optim_settings("--lr", "1e-2", "--clip-grad", "0.05", "--lr-warmup-iters", "0",
+                              *([] if distributed_optimizer else ["--no-distributed-optimizer"]))
     model = optim.wrap_data_parallel(cfg, chunks, settings)
     optimizer = optim.build_optimizer(model, settings, bf16=False)
     dp_rank = parallel_state.get_data_parallel_rank()

@@ -60,6 +60,54 @@ def test_parallel_layouts_reproduce_single_rank_milelosses(demo, tmp_path, mile_
     assert all(0 < r["alpha"] < 1 and r["entropy"] > 0 for r in mile_tp1)
 
 
+GQA = ["--loss", "mile", "--group-query-attention", "--num-query-groups", "2", "--rotary-base", "500000"]
+
+
+@pytest.fixture(scope="module")
+def gqa_tp2(demo, tmp_path_factory):
+    """Grouped-query attention at TP=2: one key/value group (and two query heads) per rank."""
+    save = str(tmp_path_factory.mktemp("gqa") / "tp2")
+    records = train(demo, None, "tp2", 2, *GQA, "--tensor-model-parallel-size", "2", iters=3, save=save)
+    return {"train": records, "save": save}
+
+
+def test_grouped_query_attention_agrees_across_tensor_parallelism(demo, tmp_path, gqa_tp2):
+    tp1 = train(demo, tmp_path, "gqa_tp1", 1, *GQA, iters=3)
+    for key in ("loss", "ce", "entropy", "alpha"):
+        np.testing.assert_allclose(losses(gqa_tp2["train"], key), losses(tp1, key), rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(losses(gqa_tp2["train"], "grad_norm"), losses(tp1, "grad_norm"), rtol=2e-6)
+    assert losses(tp1)[-1] < losses(tp1)[0]
+
+
+def test_finetune_keeps_only_the_weights(demo, tmp_path, gqa_tp2):
+    """--finetune from a TP=2 run at iteration 3 (Adam moments, a decayed schedule, consumed
+    data), at TP=1 where its optimizer state could not even be read: iteration 1 on the first
+    batch with a fresh schedule, and a first Adam step (zero moments, so m/sqrt(v) = g/|g|)
+    that moves each weight by lr (the 0.1 weight decay on weights of ~0.01 adds ~0.1%), where
+    a resumed Adam moves under 1% of them by that much. No architecture flag is repeated: it
+    comes from the checkpoint."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from megatron_mile.checkpointing import holds_weights_only
+
+    assert not holds_weights_only(gqa_tp2["save"])
+    save = str(tmp_path / "ft")
+    records = train(demo, tmp_path, "ft", 1, "--load", gqa_tp2["save"], "--finetune", "--lr-warmup-iters", "0",
+                    "--exit-interval", "1", iters=2, save=save)
+    assert [(r["iteration"], r["consumed_tokens"]) for r in records] == [(1, 4 * 32)]
+    # Cosine over 2 iterations, half-way after the first: (lr + min_lr) / 2.
+    assert records[0]["lr"] == pytest.approx((1e-3 + 3e-5) / 2)
+    weights = {}
+    for name, path in (("before", os.path.join(gqa_tp2["save"], "iter_0000003")),
+                       ("after", os.path.join(save, "iter_0000001"))):
+        dcp_to_torch_save(path, str(tmp_path / f"{name}.pt"))
+        weights[name] = torch.load(str(tmp_path / f"{name}.pt"), weights_only=False)
+    for key in ("decoder.layers.self_attention.linear_proj.weight", "decoder.layers.mlp.linear_fc2.weight"):
+        step = (weights["after"][key] - weights["before"][key]).abs().numpy() / 1e-3
+        assert np.mean(np.abs(step - 1) < 0.005) > 0.95, key
+
+
 def test_focal_legacy_alpha_and_label_smoothing_agree_across_tensor_parallelism(demo, tmp_path):
     flags = ["--loss", "focal", "--mile-gamma", "2", "--mile-alpha-mode", "legacy", "--label-smoothing", "0.1"]
     tp1 = train(demo, tmp_path, "focal_tp1", 1, *flags, iters=3)
@@ -266,6 +314,11 @@ BAD_CONFIGS = [
     (["--dist-ckpt-optim-fully-reshardable"], 2, "--dist-ckpt-optim-fully-reshardable needs apex or Transformer Engine"),
     (["--lr-warmup-iters", "50"], 1, "--lr-warmup-iters 50 must be smaller"),
     (["--model-preset", "468M", "--tensor-model-parallel-size", "32"], 32, "--num-attention-heads 16 is not divisible"),
+    (["--group-query-attention", "--num-query-groups", "3"], 1,
+     "--num-attention-heads 4 is not divisible by --num-query-groups 3"),
+    (["--group-query-attention", "--num-query-groups", "2", "--tensor-model-parallel-size", "4"], 4,
+     "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"),
+    (["--finetune"], 1, "--finetune needs --load"),
 ]
 
 

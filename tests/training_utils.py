@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -37,8 +38,19 @@ def build_demo_data(root) -> dict[str, str]:
     return {"blend": blend, "tokenizer": tokenizer, "prefix": prefix}
 
 
-def train_command(demo: dict[str, str], nproc: int, save: str, *extra: str, iters: int = ITERS) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+def demo_data_dir(demo: dict[str, str], directory) -> str:
+    """A copy of the test data under the names examples/prepare_demo_data.sh gives its outputs,
+    so that the script finds every step done and the demo scripts run on it quickly."""
+    shutil.copytree(os.path.dirname(demo["blend"]), directory)
+    shutil.copy(demo["tokenizer"], os.path.join(directory, "tokenizer.model"))
+    shutil.copy(demo["prefix"] + "_text_manifest.json", os.path.join(directory, "demo_text_manifest.json"))
+    return str(directory)
+
+
+def train_command(demo: dict[str, str], nproc: int, save: str, *extra: str, iters: int = ITERS,
+                  launcher: str = "torch.distributed.run") -> list[str]:
+    """torchrun (or ``launcher="megatron_mile.launch"``, which takes torchrun's arguments) with the trainer."""
+    return [sys.executable, "-m", launcher, "--standalone", f"--nproc-per-node={nproc}",
             "-m", "megatron_mile.train",
             "--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--train-iters", str(iters), "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
@@ -67,3 +79,12 @@ def read_records(save: str, kind: str) -> list[dict]:
 
 def losses(records: list[dict], key: str = "loss") -> np.ndarray:
     return np.array([r[key] for r in records])
+
+
+def optim_settings(*flags: str):
+    """The trainer's optimizer settings for these flags, every other flag at its default."""
+    from megatron_mile import optim
+    from megatron_mile.arguments import parse_args
+
+    return optim.OptimSettings.from_args(
+        parse_args(["--train-iters", "1", "--data-path", "unused", "--tokenizer-model", "unused", *flags]))

@@ -2,7 +2,7 @@
 """Make a blend JSON (for --data-path) from a preprocessing manifest and per-domain weights.
 
   python tools/make_blend.py --manifest data/pile/pile_text_manifest.json \
-      --weights configs/pile_sampling_rates.json --output data/pile/blend.json
+      --weights pile --output data/pile/blend.json
 
 Weights files hold {"train_domain_weights": {...}, "eval_domain_weights": {...}} or a flat
 {domain: weight}; they are relative and get normalised. Without --weights all domains weigh the
@@ -18,14 +18,17 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script from a checkout, not as megatron_mile.tools
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", module=r"megatron\.core")  # Apex/TE fallbacks are irrelevant here
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="{output-prefix}_{key}_manifest.json of preprocess_data.py")
-    parser.add_argument("--weights", default=None, help="per-domain weights JSON (default: uniform)")
+    parser.add_argument("--weights", default=None,
+                        help="per-domain weights JSON, or a shipped one by name: pile (the paper's 22 Pile "
+                             "domains) or demo (default: uniform)")
     parser.add_argument("--eval-manifest", default=None,
                         help="manifest of separate validation data (e.g. the Pile's val.jsonl.zst)")
     parser.add_argument("--output", required=True, help="blend JSON to write")

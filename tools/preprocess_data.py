@@ -12,12 +12,16 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script from a checkout, not as megatron_mile.tools
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", module=r"megatron\.core")  # Apex/TE fallbacks are irrelevant here
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_mile.cli import ArgumentParser
+    from megatron_mile.data.tokenizer import TOKENIZER_TYPE_HELP, tokenizer_type_argument
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True, help="JSONL files (.jsonl, .jsonl.zst, .jsonl.gz) or globs")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (one dataset each)")
@@ -26,8 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                        help="skip: count bad lines and go on; fail: stop at the first one (non-zero exit)")
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", choices=["sentencepiece", "huggingface"], default=None,
-                       help="inferred from --tokenizer-model when omitted (directory → huggingface)")
+    group.add_argument("--tokenizer-type", type=tokenizer_type_argument, default=None, help=TOKENIZER_TYPE_HELP)
     group.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file or HF tokenizer directory")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     group = parser.add_argument_group("output data")

@@ -17,7 +17,8 @@ import os
 import sys
 from typing import Iterator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script from a checkout, not as megatron_mile.tools
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_mile.data.documents import lookup  # noqa: E402  (no megatron import: fast start)
 from megatron_mile.data.jsonl import TruncatedInput, expand_inputs, read_blocks  # noqa: E402

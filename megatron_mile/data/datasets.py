@@ -6,6 +6,7 @@ then every rank loads them; shuffling is deterministic in ``seed``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -15,6 +16,17 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_mile.data.blend import Blend
+from megatron_mile.data.errors import DataError
+
+
+class _NoCacheNotice(logging.Filter):
+    """megatron-core warns once per blended dataset built without a cache path; a choice, not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "because path_to_cache is None" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.datasets.blended_dataset").addFilter(_NoCacheNotice())
 
 
 @dataclass
@@ -34,8 +46,8 @@ def _check_splits_have_documents(prefixes: list[str], split_matrix: list, split:
         for name, bounds in zip(_SPLIT_NAMES, split_matrix):
             # The same rounding megatron-core uses to cut documents into splits.
             if bounds is not None and round(bounds[1] * documents) <= round(bounds[0] * documents):
-                raise ValueError(f"{prefix}: the {name} split of --split {split} holds none of its {documents} "
-                                 f"documents; give that split a larger share or the domain more data")
+                raise DataError(f"{prefix}: the {name} split of --split {split} holds none of its {documents} "
+                                f"documents; give that split a larger share or the domain more data")
 
 
 def _build(tokenizer, seq_length: int, seed: int, sizes: list[int], path_to_cache: Optional[str],

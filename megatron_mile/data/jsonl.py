@@ -37,6 +37,9 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     """Files and globs, in the order given, each glob sorted; a pattern matching nothing is an error."""
     files: list[str] = []
     for pattern in patterns:
+        if os.path.isdir(pattern):
+            raise ValueError(f"--input {pattern}: is a directory; pass a glob such as "
+                             f"{os.path.join(pattern, '*.jsonl.zst')}")
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:

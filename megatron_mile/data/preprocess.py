@@ -75,6 +75,13 @@ class Stats:
         self.skipped.update(other.skipped)
         self.locations = (self.locations + other.locations)[:MAX_LOCATIONS]
 
+    def why_empty(self) -> str:
+        """One line on why no document was kept."""
+        if self.skipped:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+            return f"every line was skipped ({reasons}), the first at {self.locations[0]}"
+        return "the input holds only blank lines" if self.blank_lines else "the input is empty"
+
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
         lines = [
@@ -348,6 +355,10 @@ def preprocess(config: PreprocessConfig) -> tuple[Stats, list[str]]:
         stats, outputs = _process_files(config, files, config.output_prefix, config.workers, True)
     written = [output_prefix_for(config.output_prefix, key, domain) for domain, key in sorted(
         outputs, key=lambda k: (k[0] or "", k[1]))]
+    if stats.documents == 0:
+        for prefix in written:
+            remove_dataset(prefix)
+        raise PreprocessError(f"no documents written: {stats.why_empty()}")
     if config.split_by_domain is not None:
         written += [write_manifest(config, key, vocab_size, outputs) for key in config.json_keys]
     return stats, written

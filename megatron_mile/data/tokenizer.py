@@ -3,17 +3,81 @@
 Both are megatron-core ``MegatronTokenizerBase`` subclasses, so they plug straight into
 ``GPTDatasetConfig(tokenizer=...)``. ``tokenize`` never adds BOS/EOS; ``--append-eod`` does that
 explicitly, so the stored ids are exactly ``tokenize(text) (+ [eod])``.
+
+``--tokenizer-type`` takes this project's names (``sentencepiece``, ``huggingface``) or
+Megatron-LM's; ``resolve_tokenizer_type`` is the one place that maps them. Megatron-LM's
+names load the same files but differ in special tokens (see ``MEGATRON_LM_TOKENIZER_TYPES``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import Optional, Sequence
 
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_mile.data.errors import DataError
+
 TOKENIZER_TYPES = ("sentencepiece", "huggingface")
+
+# Megatron-LM's --tokenizer-type names that load the same files, with how Megatron-LM's own
+# tokenizer of that name differs from ours (ours never adds special tokens to a document).
+MEGATRON_LM_TOKENIZER_TYPES: dict[str, tuple[str, str]] = {
+    "GPTSentencePieceTokenizer": ("sentencepiece", "identical: the model's pieces, EOD is its EOS"),
+    "SentencePieceTokenizer": ("sentencepiece", "Megatron-LM appends <CLS>, <SEP>, <EOD>, <MASK> (and <PAD>, <BOS>, "
+                                                "<EOS> when the model lacks them) to the vocabulary and uses <EOD> "
+                                                "as end of document; here the vocabulary is the model's and EOD is "
+                                                "its EOS"),
+    "Llama2Tokenizer": ("sentencepiece", "Megatron-LM prepends BOS to every document; here no BOS is added"),
+    "HuggingFaceTokenizer": ("huggingface", "Megatron-LM loads any AutoTokenizer (hub names too) and adds its "
+                                            "special tokens, e.g. BOS, to every document; here a local fast "
+                                            "tokenizer directory, no special tokens added, EOD is its eos_token"),
+}
+# Megatron-LM's other names, refused with the reason.
+UNSUPPORTED_TOKENIZER_TYPES: dict[str, str] = {
+    "GPT2BPETokenizer": "GPT-2 vocab/merges files (--vocab-file, --merge-file) are not read; save the tokenizer "
+                        "as a Hugging Face directory (tokenizer.json) and pass that",
+    "BertWordPieceLowerCase": "BERT WordPiece vocabularies are not supported (GPT pretraining only)",
+    "BertWordPieceCase": "BERT WordPiece vocabularies are not supported (GPT pretraining only)",
+    "TikTokenizer": "tiktoken vocabularies are not supported; convert to a Hugging Face tokenizer directory",
+    "NullTokenizer": "there is no mock-data mode: training needs a real tokenizer (--tokenizer-model)",
+    "NullMultimodalTokenizer": "multimodal tokenizers are not supported",
+    "MultimodalTokenizer": "multimodal tokenizers are not supported",
+    "SFTTokenizer": "fine-tuning chat tokenizers are not supported (pretraining only)",
+}
+
+
+def resolve_tokenizer_type(name: Optional[str]) -> Optional[str]:
+    """This project's type for ``name`` (its own or Megatron-LM's spelling); None stays None (inferred).
+
+    Raises ``DataError`` with one line for a name that is unknown or not supported.
+    """
+    if name is None or name in TOKENIZER_TYPES:
+        return name
+    if name in MEGATRON_LM_TOKENIZER_TYPES:
+        return MEGATRON_LM_TOKENIZER_TYPES[name][0]
+    if name in UNSUPPORTED_TOKENIZER_TYPES:
+        raise DataError(f"--tokenizer-type {name} is not supported: {UNSUPPORTED_TOKENIZER_TYPES[name]}")
+    raise DataError(f"--tokenizer-type {name!r} is unknown; choose from {', '.join(accepted_tokenizer_types())}")
+
+
+def accepted_tokenizer_types() -> tuple[str, ...]:
+    return TOKENIZER_TYPES + tuple(MEGATRON_LM_TOKENIZER_TYPES)
+
+
+def tokenizer_type_argument(name: str) -> str:
+    """``argparse`` type for ``--tokenizer-type``: the resolved name, or a one-line usage error."""
+    try:
+        return resolve_tokenizer_type(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--tokenizer-type ")) from None
+
+
+TOKENIZER_TYPE_HELP = ("sentencepiece (a .model file) or huggingface (a directory with tokenizer.json); "
+                       "Megatron-LM's " + ", ".join(MEGATRON_LM_TOKENIZER_TYPES) + " are accepted too "
+                       "(default: inferred from --tokenizer-model)")
 
 
 def infer_tokenizer_type(path: str) -> str:
@@ -71,7 +135,7 @@ class SentencePieceTokenizer(_Tokenizer):
         try:
             self._sp.Load(path)
         except (OSError, RuntimeError) as exc:
-            raise ValueError(f"{path}: not a readable SentencePiece model ({exc})") from None
+            raise DataError(f"{path}: not a readable SentencePiece model ({exc})") from None
         self._vocab_size = self._sp.get_piece_size()
         self._eod = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         self._bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
@@ -111,17 +175,17 @@ class HuggingFaceTokenizer(_Tokenizer):
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ValueError(f"{path}: Hugging Face tokenizers need the 'tokenizers' package") from None
+            raise DataError(f"{path}: Hugging Face tokenizers need the 'tokenizers' package") from None
 
         super().__init__(path)
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         tokenizer_file = os.path.join(directory, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
-            raise ValueError(f"{path}: no tokenizer.json (only fast Hugging Face tokenizers are supported)")
+            raise DataError(f"{path}: no tokenizer.json (only fast Hugging Face tokenizers are supported)")
         try:
             self._tok = Tokenizer.from_file(tokenizer_file)
         except Exception as exc:  # the Rust side raises a bare Exception on malformed files
-            raise ValueError(f"{tokenizer_file}: not a readable Hugging Face tokenizer ({exc})") from None
+            raise DataError(f"{tokenizer_file}: not a readable Hugging Face tokenizer ({exc})") from None
         config: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins
             config_path = os.path.join(directory, name)
@@ -152,14 +216,12 @@ class HuggingFaceTokenizer(_Tokenizer):
 def build_tokenizer(path: str, tokenizer_type: Optional[str] = None) -> _Tokenizer:
     """Load a SentencePiece ``.model`` file or an HF tokenizer directory; the type is inferred unless given."""
     if not path or not os.path.exists(path):
-        raise ValueError(f"tokenizer not found: {path!r}")
+        raise DataError(f"tokenizer not found: {path!r}")
     if not os.access(path, os.R_OK):
-        raise ValueError(f"tokenizer not readable: {path!r}")
-    kind = tokenizer_type or infer_tokenizer_type(path)
+        raise DataError(f"tokenizer not readable: {path!r}")
+    kind = resolve_tokenizer_type(tokenizer_type) or infer_tokenizer_type(path)
     if kind == "sentencepiece":
         if os.path.isdir(path):
-            raise ValueError(f"{path}: a directory, but --tokenizer-type sentencepiece needs a .model file")
+            raise DataError(f"{path}: a directory, but --tokenizer-type sentencepiece needs a .model file")
         return SentencePieceTokenizer(path)
-    if kind == "huggingface":
-        return HuggingFaceTokenizer(path)
-    raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
+    return HuggingFaceTokenizer(path)

@@ -15,10 +15,11 @@ from megatron_mile.checkpointing import POINTER, CheckpointError, checkpoint_dir
 
 RUN = "run"
 HF = "hf"
+CHECKPOINT_METADATA = "metadata.json"  # dist_checkpointing writes it into every complete checkpoint
 
 
 class SourceError(ValueError):
-    """A path that is not something we can evaluate; the message is one line naming it."""
+    """A path that is not something we can evaluate: one line naming it per bad input."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Source:
 
 
 def _is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "metadata.json"))
+    return os.path.isfile(os.path.join(path, CHECKPOINT_METADATA))
 
 
 def _iteration_of(checkpoint: str) -> Optional[int]:
@@ -47,7 +48,10 @@ def resolve_source(path: str, label: str, iteration: Optional[int] = None) -> So
         if iteration is not None:
             raise SourceError(f"{path}: --iteration needs the run's --save directory, not one checkpoint")
         return Source(label, path, RUN, path, _iteration_of(path))
-    if os.path.isfile(os.path.join(path, POINTER)) or iteration is not None:
+    is_run = os.path.isfile(os.path.join(path, POINTER))
+    if not is_run and os.path.isfile(os.path.join(path, "config.json")):
+        return Source(label, path, HF)  # --iteration applies to the runs among the models
+    if is_run or iteration is not None:
         try:
             found = latest_iteration(path) if iteration is None else iteration
         except CheckpointError as err:
@@ -56,8 +60,6 @@ def resolve_source(path: str, label: str, iteration: Optional[int] = None) -> So
         if not _is_checkpoint(checkpoint):
             raise SourceError(f"{path}: no complete checkpoint at {checkpoint}")
         return Source(label, path, RUN, checkpoint, found)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return Source(label, path, HF)
     raise SourceError(f"{path}: neither a megatron-mile run (no {POINTER}) nor a Hugging Face model "
                       "directory (no config.json)")
 
@@ -72,10 +74,22 @@ def default_labels(paths: Sequence[str]) -> list[str]:
 
 def resolve_sources(paths: Sequence[str], labels: Optional[Sequence[str]] = None,
                     iteration: Optional[int] = None) -> list[Source]:
-    """All sources of one command, checked before any work; labels must be unique."""
+    """All sources of one command, checked before any work; labels must be unique.
+
+    Every bad input is reported: the ``SourceError`` holds one line per problem.
+    """
+    problems = []
     if labels is not None and len(labels) != len(paths):
-        raise SourceError(f"--labels: {len(labels)} labels for {len(paths)} models")
-    labels = list(labels) if labels is not None else default_labels(paths)
+        problems.append(f"--labels: {len(labels)} labels for {len(paths)} models")
+    labels = list(labels) if labels is not None and len(labels) == len(paths) else default_labels(paths)
     if len(set(labels)) != len(labels):
-        raise SourceError(f"--labels: labels must be unique, got {', '.join(labels)}")
-    return [resolve_source(path, label, iteration) for path, label in zip(paths, labels)]
+        problems.append(f"--labels: labels must be unique, got {', '.join(labels)}")
+    sources = []
+    for path, label in zip(paths, labels):
+        try:
+            sources.append(resolve_source(path, label, iteration))
+        except SourceError as err:
+            problems.append(str(err))
+    if problems:
+        raise SourceError("\n".join(problems))
+    return sources
