@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true",
                    help="shard norms' and dropouts' activations along the sequence over the tensor-parallel ranks")
     g.add_argument("--use-distributed-optimizer", dest="use_distributed_optimizer", action="store_true",
-                   default=True, help="shard the optimizer state over data-parallel ranks (ZeRO-1); on unless "
-                                      "--no-distributed-optimizer")
+                   default=None, help="shard the optimizer state over data-parallel ranks (ZeRO-1). Without "
+                   "either flag: the distributed optimizer when DP > 1, the regular one at DP=1, and when "
+                   "resuming optimizer state, the optimizer that saved it")
     g.add_argument("--no-distributed-optimizer", dest="use_distributed_optimizer", action="store_false",
-                   help="keep the full optimizer state on every data-parallel rank")
+                   default=None, help="keep the full optimizer state on every data-parallel rank")
     g.add_argument("--recompute-activations", action="store_true",
                    help="recompute every transformer layer in the backward pass instead of storing its activations")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10,
@@ -327,7 +328,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     if args.lr_warmup_iters >= decay_iters:
         raise ConfigError(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the decay length "
                           f"{decay_iters} (--lr-decay-iters, default --train-iters)")
-    if args.dist_ckpt_optim_fully_reshardable and args.use_distributed_optimizer and not fused_adam_available():
+    distributed = args.use_distributed_optimizer if args.use_distributed_optimizer is not None else dp > 1
+    if args.dist_ckpt_optim_fully_reshardable and distributed and not fused_adam_available():
         raise ConfigError("--dist-ckpt-optim-fully-reshardable needs apex or Transformer Engine: megatron-core "
                           "0.16.1 cannot reload that format into torch's Adam")
     if args.mile_gamma < 0:

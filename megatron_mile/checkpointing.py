@@ -107,6 +107,12 @@ def holds_weights_only(root: str) -> bool:
     return path is not None and bool(dist_checkpointing.load_common_state_dict(path).get("weights_only"))
 
 
+def saved_optimizer_format(root: str) -> str | None:
+    """The optimizer format of the latest complete checkpoint under ``root`` (None: none yet)."""
+    path = find_checkpoint(root)
+    return None if path is None else dist_checkpointing.load_common_state_dict(path).get("optimizer_format", "plain")
+
+
 def _layout() -> dict[str, int]:
     return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
             "pp": parallel_state.get_pipeline_model_parallel_world_size()}

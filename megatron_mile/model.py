@@ -30,6 +30,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_mile.attention import SDPAttention
+
 INIT_STD = 0.01
 NORM_EPSILON = 1e-5
 ROTARY_BASE = 10000
@@ -197,18 +199,38 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def block_spec(config: TransformerConfig, vp_stage: int | None):
+def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: type = SDPAttention):
     """The decoder spec: Transformer Engine's layers (fused kernels, flash attention) on CUDA
-    when installed, otherwise megatron-core's local layers with ``LocalRMSNorm``."""
+    when installed, otherwise megatron-core's local layers with ``LocalRMSNorm`` and
+    ``core_attention``: ``SDPAttention`` (torch's fused attention kernels), or for comparisons
+    megatron-core's ``DotProductAttention``."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    attention = layer.submodules.self_attention
+    attention = replace(attention, submodules=replace(attention.submodules, core_attention=core_attention))
     layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=LocalRMSNorm,
-                                              pre_mlp_layernorm=LocalRMSNorm))
+                                              self_attention=attention, pre_mlp_layernorm=LocalRMSNorm))
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=LocalRMSNorm)
+
+
+class LoopLossGPTModel(GPTModel):
+    """megatron-core's GPTModel for a loss computed in the training loop: given ``labels``, the
+    last stage returns its logits as the output layer made them, ``[s, b, V/tp]``.
+
+    Without labels GPTModel transposes the logits to ``[b, s, V/tp]`` with a copy, and that
+    transpose's backward costs two more in the output layer (its input-gradient matmul and its
+    weight gradient each want a contiguous ``[s, b, V/tp]`` gradient): three logits-sized
+    copies per micro-batch. With labels it hands the logits to ``compute_language_model_loss``,
+    which here passes them on; the loop's loss takes labels and mask as ``[s, b]``. Called
+    without labels the model behaves exactly as GPTModel (``[b, s, V/tp]``).
+    """
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits
 
 
 def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: int, seed: int,
@@ -221,7 +243,7 @@ def build_model_chunks(config: TransformerConfig, vocab_size: int, seq_length: i
     chunks = []
     for vp_stage in range(vp or 1):
         stage = vp_stage if vp else None
-        model = GPTModel(
+        model = LoopLossGPTModel(
             config=config,
             transformer_layer_spec=block_spec(config, stage),
             vocab_size=padded_vocab_size(vocab_size, tp, vocab_divisible_by),

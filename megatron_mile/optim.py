@@ -62,6 +62,36 @@ def wrap_data_parallel(config: TransformerConfig, chunks: list[torch.nn.Module],
     return wrapped
 
 
+def choose_distributed_optimizer(requested: bool | None, dp: int, saved_format: str | None,
+                                 ) -> tuple[bool, str | None]:
+    """Whether to build megatron-core's distributed optimizer, and a line to log when the
+    default picked something other than the usual choice for this DP size.
+
+    ``requested`` is the flag (None: neither ``--use-distributed-optimizer`` nor
+    ``--no-distributed-optimizer``); an explicit choice is always taken. By default:
+
+    - resuming optimizer state (``saved_format``, the checkpoint's; None when none is loaded)
+      takes the optimizer that saved it, since the two save different formats: a DP=1 run's
+      regular state resumes at DP=2, distributed state saved at DP=2 resumes at DP=1;
+    - otherwise the distributed optimizer when DP > 1. It shards Adam's state and the fp32
+      main weights over the data-parallel ranks; at DP=1 it has nothing to shard, yet it
+      still all-gathers every parameter after each step, so megatron-core's regular
+      optimizer runs instead.
+    """
+    if requested is not None:
+        return requested, None
+    if saved_format is not None:
+        distributed = saved_format != "plain"
+        if distributed == (dp > 1):
+            return distributed, None
+        kind = "distributed" if distributed else "regular"
+        return distributed, f"the checkpoint holds the {kind} optimizer's state: resuming with the {kind} optimizer"
+    if dp == 1:
+        return False, ("data-parallel size 1: megatron-core's regular optimizer (the distributed one shards over "
+                       "data-parallel ranks; --use-distributed-optimizer forces it)")
+    return True, None
+
+
 def fused_adam_available() -> bool:
     """megatron-core uses apex's or Transformer Engine's FusedAdam when either is installed,
     else torch's Adam (always so on CPU)."""

@@ -15,11 +15,16 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
 2. The "CUDA" RNG is the CPU generator: ``torch.cuda.get_rng_state``/``manual_seed`` and
    ``tensor_parallel.random._get/_set_cuda_rng_state`` (used by the RNG tracker's
    ``add``/``fork`` and by activation recomputation) read and write the CPU state.
-3. Literal ``device="cuda"`` tensors, in ``transformer.utils.get_default_causal_mask``,
-   in the three pipeline schedules (the token counter), in the grad-norm helpers and in
-   the optimizers' constructors (loss-scale and found-inf scalars), are created on the
-   CPU: those functions run under a torch-function mode that rewrites CUDA devices to
-   ``cpu``.
+3. Literal ``device="cuda"`` tensors are created on the CPU. Small helpers that make them
+   run under a torch-function mode that rewrites CUDA devices to ``cpu`` in every torch
+   call: ``transformer.utils.get_default_causal_mask``, the grad-norm helpers
+   (``get_grad_norm_fp32``, ``count_zeros_fp32``) and the optimizers' constructors
+   (loss-scale and found-inf scalars). The three pipeline schedules make one (the token
+   counter, ``torch.zeros(..., device="cuda")``), but they also run the whole forward and
+   backward, where that mode would put a Python call in front of every torch operation;
+   instead the schedules module gets its own ``torch``, whose tensor factories create a
+   tensor asked for on a CUDA device on the CPU and which is torch itself for everything
+   else.
 4. The bf16 and distributed optimizers' constructors sort parameters by their CUDA type
    names (``"torch.cuda.FloatTensor"``, ...) and reject anything else; under the same mode
    ``Tensor.type()`` reports a CPU tensor by its CUDA name.
@@ -29,6 +34,10 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    ``dist_checkpointing`` writer calls it after staging tensors to host memory.
 7. megatron-core's advice to set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (so that tensor-parallel
    communication overlaps with compute on one CUDA work queue) is silenced: there is no queue.
+8. The RNG tracker's ``fork`` warns when the CPU generator moved inside it, which on a GPU
+   means a CPU draw leaked into the model-parallel stream; here the "CUDA" generator *is*
+   the CPU one, so every dropout draw under ``fork`` would warn. That one warning is
+   filtered from megatron's ``tensor_parallel.random`` logger.
 
 One more CUDA assumption is configuration, not a patch, and lives where the config is
 built (``megatron_mile.model``): ``batch_p2p_sync`` (a ``torch.cuda.synchronize()``
@@ -45,6 +54,7 @@ import logging
 import os
 import random
 import socket
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -102,6 +112,36 @@ def _cuda_literals_on_cpu(fn: Callable) -> Callable:
     return wrapper
 
 
+def _factory_on_cpu(factory: Callable) -> Callable:
+    @functools.wraps(factory)
+    def create(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return create
+
+
+class _TorchWithCpuFactories(types.ModuleType):
+    """``torch`` as a megatron-core module sees it: tensor factories asked for a CUDA device
+    create on the CPU; every other attribute is looked up in torch itself."""
+
+    FACTORIES = ("empty", "full", "ones", "tensor", "zeros")
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in self.FACTORIES:
+            setattr(self, name, _factory_on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set in __init__
+        return getattr(torch, name)
+
+
+class _WithoutForkWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def _clip_grad_by_total_norm_cpu(parameters, max_norm: float, total_norm: float,
                                  use_decoupled_grad: bool = False) -> None:
     """CPU twin of megatron-core's ``clip_grad_by_total_norm_fp32`` (same scaling rule)."""
@@ -146,15 +186,11 @@ def enable_cpu_compat() -> bool:
     causal_mask = _cuda_literals_on_cpu(transformer_utils.get_default_causal_mask)
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
-    for name in ("forward_backward_no_pipelining",
-                 "forward_backward_pipelining_without_interleaving",
-                 "forward_backward_pipelining_with_interleaving"):
-        setattr(schedules, name, _cuda_literals_on_cpu(getattr(schedules, name)))
     for name in ("get_grad_norm_fp32", "count_zeros_fp32"):
         patched = _cuda_literals_on_cpu(getattr(clip_grads, name))
         setattr(clip_grads, name, patched)
         setattr(mcore_optimizer, name, patched)
-
+    schedules.torch = _TorchWithCpuFactories()
     for cls in (mcore_optimizer.FP32Optimizer, mcore_optimizer.MixedPrecisionOptimizer,
                 mcore_optimizer.Float16OptimizerWithFloat16Params, DistributedOptimizer):
         cls.__init__ = _cuda_literals_on_cpu(cls.__init__)
@@ -169,6 +205,8 @@ def enable_cpu_compat() -> bool:
     warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended to set the "
                             "environment variable CUDA_DEVICE_MAX_CONNECTIONS",
                             module=r"megatron\.core\.tensor_parallel\.layers")
+    # 8. On CPU the "CUDA" RNG is the CPU generator: draws under the tracker's fork are expected.
+    logging.getLogger(mcore_random.__name__).addFilter(_WithoutForkWarning())
 
     _cpu_compat_enabled = True
     log.info("megatron-core CPU compatibility layer enabled (no CUDA on this machine)")

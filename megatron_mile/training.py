@@ -14,6 +14,7 @@ they are identical.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -34,9 +35,9 @@ from megatron_mile.loss import weighted_lm_loss
 from megatron_mile.model import (build_model_chunks, build_transformer_config, count_parameters, optional_kernels,
                                  padded_vocab_size)
 
-log = logging.getLogger(__name__)
-
 STAT_KEYS = ("loss", "ce", "entropy", "alpha")
+
+log = logging.getLogger(__name__)
 
 
 class TrainingAborted(RuntimeError):
@@ -103,7 +104,12 @@ class Trainer:
                                          rotary_base=self.shape.rotary_base)
         kernels = {**optional_kernels(self.config), "optimizer": optim.adam_implementation()}
         log.info("kernels: %s", " | ".join(f"{part} {kind}" for part, kind in kernels.items()))
-        self.settings = optim.OptimSettings.from_args(args)
+        loads_optimizer = self.start.load and not self.start.weights_only and not args.no_load_optim
+        saved_format = checkpointing.saved_optimizer_format(self.start.load) if loads_optimizer else None
+        distributed, note = optim.choose_distributed_optimizer(args.use_distributed_optimizer, self.rt.dp, saved_format)
+        if note and self.rt.is_logging_rank:
+            log.info(note)
+        self.settings = dataclasses.replace(optim.OptimSettings.from_args(args), use_distributed_optimizer=distributed)
         self.model = optim.wrap_data_parallel(self.config, self.chunks, self.settings)
         self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
         self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)
@@ -166,9 +172,12 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        logits = model(batch["tokens"].to(self.rt.device), batch["position_ids"].to(self.rt.device), None)
-        return logits, partial(self._loss_func, batch["labels"].to(self.rt.device),
-                               batch["loss_mask"].to(self.rt.device))
+        labels = batch["labels"].to(self.rt.device)
+        # Given labels, the model returns [s, b, V/tp] logits without a transposing copy
+        # (model.LoopLossGPTModel): the loss takes labels and mask in that order too.
+        logits = model(batch["tokens"].to(self.rt.device), batch["position_ids"].to(self.rt.device), None,
+                       labels=labels)
+        return logits, partial(self._loss_func, labels.t(), batch["loss_mask"].to(self.rt.device).t())
 
     def _run_schedule(self, batches: list[dict[str, torch.Tensor]], forward_only: bool) -> dict[str, float]:
         """Forward (and backward) over the micro-batches; stats averaged over micro-batches and DP."""

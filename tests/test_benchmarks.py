@@ -1,4 +1,5 @@
-"""The loss benchmark's CLI on a tiny problem (the numbers themselves live in BENCHMARKS.md)."""
+"""The loss benchmark's CLI on a tiny problem, and how the training benchmark runs its cases
+(the numbers themselves live in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,50 @@ def test_loss_bench_without_cuda_refuses_device_cuda():
     proc = _run("--device", "cuda")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("--device cuda: no CUDA device on this machine")
+
+
+def _train_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_bench", os.path.join(REPO, "benchmarks", "train_bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gone(pid: int) -> bool:
+    """Dead (or a zombie waiting for its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_train_bench_timeout_kills_the_whole_process_group(tmp_path):
+    bench = _train_bench()
+    pid_file = tmp_path / "grandchild.pid"
+    # A run that starts a grandchild (as torchrun starts its workers) and then hangs.
+    script = ("import subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(600)")
+    with pytest.raises(bench.RunFailed) as failed:
+        bench.run_captured("hang", [sys.executable, "-c", script], dict(os.environ), timeout=5)
+    assert str(failed.value).startswith("hang: timed out after 5 s") and str(failed.value).rstrip().endswith("started")
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while not _gone(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(grandchild)
+
+
+def test_train_bench_keeps_a_failing_runs_whole_output():
+    bench = _train_bench()
+    script = "import sys; print('first line'); print('x' * 10000); sys.exit(3)"
+    with pytest.raises(bench.RunFailed) as failed:
+        bench.run_captured("fails", [sys.executable, "-c", script], dict(os.environ), timeout=60)
+    message = str(failed.value)
+    assert message.startswith("fails: exit code 3") and "first line" in message and "x" * 10000 in message
 
 
 def _rank_1_dies(rank, tp, store, mode, cases, args, results):

@@ -110,21 +110,31 @@ def test_cpu_compat_is_explicit():
     probe = (
         "import torch, megatron_mile.runtime as rt, megatron_mile.training\n"
         "from megatron.core.transformer import utils\n"
+        "from megatron.core.pipeline_parallel import schedules\n"
         "before = utils.get_default_causal_mask\n"
         "try:\n"
         "    torch.cuda.current_device(); print('cuda-ok')\n"
         "except (AssertionError, RuntimeError):\n"
-        "    print('unpatched')\n"
+        "    print('unpatched', schedules.torch is torch)\n"
         "print(rt.enable_cpu_compat(), rt.enable_cpu_compat())\n"
         "print(torch.cuda.current_device(), utils.get_default_causal_mask is not before)\n"
         "print(utils.get_default_causal_mask(3).tolist())\n"
+        # The schedules' torch: factories asked for CUDA create on the CPU, the rest is torch's.
+        "print(schedules.torch.zeros([], dtype=torch.int, device='cuda').device, schedules.torch.nn is torch.nn)\n"
+        # Outside the patched helpers, nothing is redirected.
+        "try:\n"
+        "    torch.zeros(1, device='cuda'); print('redirected')\n"
+        "except (AssertionError, RuntimeError):\n"
+        "    print('cuda refused')\n"
     )
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True, check=True)
     lines = out.stdout.split("\n")
-    assert lines[0] == "unpatched"
+    assert lines[0] == "unpatched True"
     assert lines[1] == "True True"
     assert lines[2] == "cpu True"
     assert lines[3] == "[[False, True, True], [False, False, True], [False, False, False]]"
+    assert lines[4] == "cpu True"
+    assert lines[5] == "cuda refused"
 
 
 @pytest.mark.parametrize("preset,expected", [("468M", 468e6), ("1.2B", 1.2e9), ("6.7B", 6.7e9)])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import data_fixtures
+from megatron.core import dist_checkpointing
 from training_utils import ITERS, REPO, losses, read_records, train, train_command, train_env
 
 
@@ -156,6 +157,15 @@ def test_resume_is_exact_and_appends_metrics(demo, tmp_path, flags, also_at_dp1)
         shutil.copytree(save, dp1)
         at_dp1 = train(demo, tmp_path, "dp1", 1, *flags, "--load", dp1, iters=6, save=dp1)
         np.testing.assert_allclose(losses(at_dp1)[3:], losses(full)[3:], rtol=1e-5)
+        # A fresh DP=1 run takes megatron-core's regular optimizer; resumed at DP=2 with the
+        # defaults, it keeps that optimizer. The DP=1 resume above kept the distributed one.
+        from_dp1 = str(tmp_path / "from_dp1")
+        train(demo, tmp_path, "first_dp1", 1, *flags, "--exit-interval", "3", iters=6, save=from_dp1)
+        at_dp2 = train(demo, tmp_path, "dp2_from_dp1", 2, *flags, "--load", from_dp1, iters=6, save=from_dp1)
+        np.testing.assert_allclose(losses(at_dp2)[3:], losses(full)[3:], rtol=2e-5)
+        formats = {run: [dist_checkpointing.load_common_state_dict(f"{run}/iter_{i:07d}")["optimizer_format"]
+                         for i in (3, 6)] for run in (dp1, from_dp1)}
+        assert formats == {dp1: ["dp_reshardable", "dp_reshardable"], from_dp1: ["plain", "plain"]}
     resumed = train(demo, tmp_path, "second", 2, *flags, "--load", save, iters=6, save=save)
     assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_array_equal(losses(resumed), losses(full))
@@ -164,19 +174,21 @@ def test_resume_is_exact_and_appends_metrics(demo, tmp_path, flags, also_at_dp1)
 
 def test_checkpoint_reshards_tp2_to_tp1(demo, tmp_path):
     """The model and the regular optimizer's state reshard; the distributed optimizer's
-    dp_reshardable state does not, so it is refused in one line unless --no-load-optim."""
+    dp_reshardable state does not, so it is refused in one line unless --no-load-optim.
+    Without an optimizer flag a resumed run takes the optimizer whose state it loads."""
     tp2 = ["--tensor-model-parallel-size", "2"]
     reference = train(demo, tmp_path, "ref", 2, *tp2, "--no-distributed-optimizer", iters=5)
     plain = str(tmp_path / "plain")
     train(demo, tmp_path, "tp2", 2, *tp2, "--no-distributed-optimizer", "--exit-interval", "3", iters=5, save=plain)
-    proc = subprocess.run(train_command(demo, 1, plain, "--load", plain, iters=5), capture_output=True, text=True,
-                          env=train_env(), timeout=600)
+    proc = subprocess.run(train_command(demo, 1, plain, "--load", plain, "--use-distributed-optimizer", iters=5),
+                          capture_output=True, text=True, env=train_env(), timeout=600)
     _assert_one_line_error(proc, "holds plain optimizer state; resume with --no-distributed-optimizer")
-    resumed = train(demo, tmp_path, "tp1", 1, "--no-distributed-optimizer", "--load", plain, iters=5, save=plain)
+    resumed = train(demo, tmp_path, "tp1", 1, "--load", plain, iters=5, save=plain)
     np.testing.assert_allclose(losses(resumed)[3:], losses(reference)[3:], rtol=1e-4)
 
     sharded = str(tmp_path / "sharded")
-    train(demo, tmp_path, "tp2_dist", 2, *tp2, "--exit-interval", "3", iters=5, save=sharded)
+    train(demo, tmp_path, "tp2_dist", 2, *tp2, "--use-distributed-optimizer", "--exit-interval", "3", iters=5,
+          save=sharded)
     proc = subprocess.run(train_command(demo, 1, sharded, "--load", sharded, iters=5), capture_output=True, text=True,
                           env=train_env(), timeout=600)
     _assert_one_line_error(proc, "dp_reshardable optimizer state saved at TP 2 PP 1")
@@ -299,7 +311,7 @@ BAD_CONFIGS = [
     (["--tokenizer-model", "/nonexistent/tok.model"], 1, "--tokenizer-model: /nonexistent/tok.model does not exist"),
     (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "33"], 2,
      "--seq-length 33 is not divisible by --tensor-model-parallel-size 2"),
-    (["--dist-ckpt-optim-fully-reshardable"], 1, "--dist-ckpt-optim-fully-reshardable needs apex or Transformer Engine"),
+    (["--dist-ckpt-optim-fully-reshardable"], 2, "--dist-ckpt-optim-fully-reshardable needs apex or Transformer Engine"),
     (["--lr-warmup-iters", "50"], 1, "--lr-warmup-iters 50 must be smaller"),
     (["--model-preset", "468M", "--tensor-model-parallel-size", "32"], 32, "--num-attention-heads 16 is not divisible"),
     (["--group-query-attention", "--num-query-groups", "3"], 1,

@@ -1,0 +1,167 @@
+"""Where a training step's time goes: ``Trainer.train_step`` timed and profiled in one process.
+
+    python benchmarks/step_profile.py                                  # median step time
+    python benchmarks/step_profile.py --profile 3                      # + torch profiler table
+    python benchmarks/step_profile.py --baseline-flags=--use-distributed-optimizer
+    python benchmarks/step_profile.py --baseline-dot-product-attention --baseline-schedule-in-torch-function-mode
+    python benchmarks/step_profile.py --baseline-hf -- --loss ce --seq-length 1024   # trainer flags after --
+
+The model is the Hugging Face comparison's shape (``train_bench.py --against-hf``: hidden
+256, 4 layers, 4 heads, FFN 704, sequence 256, micro-batch 4) on the demo corpus, one
+process on gloo; trainer flags after ``--`` override it. Step times are wall-clock and
+process CPU time; on a shared machine the CPU time with ``--threads 1`` is the steadier one.
+
+A baseline arm is a second trainer in the same process, built with any of: extra trainer
+flags (``--baseline-flags``), megatron-core's ``DotProductAttention`` as the core attention,
+and the pipeline schedule run under the CPU layer's torch-function mode (which that layer
+keeps for a few small helpers); or, with ``--baseline-hf``, Hugging Face's LlamaForCausalLM
+at the same shape, loss and micro-batch (``hf_llama_train.py``). The two arms alternate in
+blocks of steps, and the report is each arm's median step time and their ratio: on a busy
+machine a steadier comparison than ``train_bench.py``'s separate processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.train_bench import HF_SHAPE_FLAGS, prepare_demo  # noqa: E402
+
+
+def _trainer(flags: list[str], dot_product_attention: bool = False):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_mile import model
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.training import Trainer
+
+    block_spec = model.block_spec
+    if dot_product_attention:
+        model.block_spec = functools.partial(block_spec, core_attention=DotProductAttention)
+    try:
+        return Trainer(parse_args(flags))
+    finally:
+        model.block_spec = block_spec
+
+
+def _schedule_in_torch_function_mode() -> Callable[[], None]:
+    """Wrap the no-pipelining schedule in the CPU layer's torch-function mode; returns the undo."""
+    from megatron.core.pipeline_parallel import schedules
+
+    from megatron_mile import runtime
+
+    original = schedules.forward_backward_no_pipelining
+
+    def wrapped(*args, **kwargs):
+        with runtime._CudaDevicesOnCpu():
+            return original(*args, **kwargs)
+
+    schedules.forward_backward_no_pipelining = wrapped
+    return lambda: setattr(schedules, "forward_backward_no_pipelining", original)
+
+
+def _hf_step(trainer) -> Callable[[], None]:
+    """Hugging Face's LlamaForCausalLM at the trainer's shape, loss, micro-batch and vocabulary."""
+    from benchmarks.hf_llama_train import build_step
+
+    if trainer.args.loss not in ("ce", "mile") or trainer.num_microbatches != 1:
+        sys.exit("step_profile: --baseline-hf needs --loss ce or mile and --global-batch-size = --micro-batch-size")
+    return build_step(trainer.args.loss, trainer.shape, trainer.vocab_size, trainer.args.micro_batch_size,
+                      trainer.args.bf16, trainer.rt.device)
+
+
+def _timed_steps(step: Callable[[], object], steps: int, before: Callable[[], Callable[[], None]] | None = None,
+                 ) -> list[tuple[float, float]]:
+    """(wall, process CPU) seconds of each step."""
+    undo = before() if before else None
+    times = []
+    try:
+        for _ in range(steps):
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
+    finally:
+        if undo:
+            undo()
+    return times
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    trainer_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per arm")
+    p.add_argument("--block", type=int, default=5, help="steps per arm before switching")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="profile this many steps per arm")
+    p.add_argument("--rows", type=int, default=20, help="profiler table rows")
+    p.add_argument("--baseline-flags", type=str.split, default=[], help="baseline: these extra trainer flags")
+    p.add_argument("--baseline-dot-product-attention", action="store_true",
+                   help="baseline: megatron-core's DotProductAttention as the core attention")
+    p.add_argument("--baseline-schedule-in-torch-function-mode", action="store_true")
+    p.add_argument("--baseline-hf", action="store_true",
+                   help="baseline: Hugging Face's LlamaForCausalLM (benchmarks/hf_llama_train.py) instead")
+    p.add_argument("--data-dir", default=os.path.join(REPO, "data", "demo"))
+    args = p.parse_args(own)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    blend, tokenizer = prepare_demo(args.data_dir)
+    base_flags = [*HF_SHAPE_FLAGS, "--train-iters", "100000", "--lr-warmup-iters", "1", "--data-path", blend,
+                  "--tokenizer-model", tokenizer, "--eval-iters", "1", *trainer_flags]
+    trainer = _trainer(base_flags)
+    arms: dict[str, tuple[Callable[[], object], Callable | None]] = {"this": (trainer.train_step, None)}
+    baseline = [*args.baseline_flags, *(["DotProductAttention"] if args.baseline_dot_product_attention else []),
+                *(["schedule in torch-function mode"] if args.baseline_schedule_in_torch_function_mode else [])]
+    if args.baseline_hf:
+        baseline = ["Hugging Face LlamaForCausalLM, SDPA, AdamW"]
+        arms["baseline"] = (_hf_step(trainer), None)
+    elif baseline:
+        arms["baseline"] = (_trainer(base_flags + args.baseline_flags, args.baseline_dot_product_attention).train_step,
+                            _schedule_in_torch_function_mode if args.baseline_schedule_in_torch_function_mode
+                            else None)
+
+    for step, before in arms.values():
+        _timed_steps(step, args.warmup, before)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
+    while any(len(t) < args.steps for t in times.values()):
+        for name, (step, before) in arms.items():
+            times[name] += _timed_steps(step, min(args.block, args.steps - len(times[name])), before)
+
+    print(f"load average {os.getloadavg()[0]:.1f}, {args.threads} threads, flags: {' '.join(base_flags)}")
+    medians = {name: [statistics.median(step[i] for step in t) for i in (0, 1)] for name, t in times.items()}
+    labels = {"this": "this", "baseline": f"baseline ({', '.join(baseline)})"}
+    for name, (wall, cpu) in medians.items():
+        print(f"{labels[name]}: median step {1000 * wall:.1f} ms wall, {1000 * cpu:.1f} ms CPU "
+              f"over {len(times[name])} steps")
+    if "baseline" in medians:
+        ratios = [medians["this"][i] / medians["baseline"][i] for i in (0, 1)]
+        print(f"this / baseline step time: {ratios[0]:.3f} wall, {ratios[1]:.3f} CPU")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, (step, before) in arms.items():
+            undo = before() if before else None
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.profile):
+                    step()
+            if undo:
+                undo()
+            print(f"\n### {name}: {args.profile} steps, by self CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
