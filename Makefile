@@ -24,7 +24,7 @@ demo: $(STAMP)
 	PYTHON=$(PY) bash examples/demo.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss_bench.py

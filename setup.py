@@ -30,7 +30,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         # accelerate: lm-eval's hf backend imports it (lm-eval[hf] would add peft, which is not used).
         "eval": ["lm-eval", "accelerate", "transformers", "safetensors", "matplotlib"],
-        "test": ["pytest", "transformers", "safetensors", "matplotlib", "lm-eval", "accelerate"],
+        "test": ["pytest", "pytest-xdist", "transformers", "safetensors", "matplotlib", "lm-eval", "accelerate"],
     },
     entry_points={"console_scripts": [
         "megatron-mile-train=megatron_mile.train:main",

@@ -37,6 +37,7 @@ STARTED = time.monotonic()
 
 _interrupted = False
 _trainer_pid: int | None = None
+_describe: Callable[[], str] | None = None
 
 
 class Interrupted(Exception):
@@ -63,6 +64,14 @@ def interrupted() -> bool:
     return _interrupted
 
 
+def describe_interrupt_with(describe: Callable[[], str]) -> None:
+    """Where the run stands, as ``interrupt_message`` words it, for an interrupt that surfaces as
+    another error: a peer that stopped first can break this rank's collective, and this rank's
+    SIGINT then lands while that error is being handled."""
+    global _describe
+    _describe = describe
+
+
 def exit_quietly_on_interrupt(prog: str) -> Callable[[Callable], Callable]:
     """Decorate an entry point: Ctrl-C ends it with ``Interrupted``'s one line (from rank 0) and 130.
 
@@ -79,7 +88,7 @@ def exit_quietly_on_interrupt(prog: str) -> Callable[[Callable], Callable]:
                 _exit_interrupted(f"{prog}: {err}")
             except BaseException:
                 if interrupted():
-                    _exit_interrupted(None)
+                    _exit_interrupted(f"{prog}: {_describe()}" if _describe else None)
                 raise
 
         return wrapper

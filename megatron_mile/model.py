@@ -128,8 +128,9 @@ def optional_kernels(config: TransformerConfig) -> dict[str, str]:
     te = transformer_engine_available()
     return {
         "layers": "Transformer Engine" if te else "megatron-core local (no Transformer Engine)",
-        "attention": "Transformer Engine DotProductAttention" if te else "megatron-core DotProductAttention",
-        "softmax": "fused" if config.masked_softmax_fusion else "torch (no fused kernels)",
+        "attention": "Transformer Engine DotProductAttention" if te else "torch scaled_dot_product_attention",
+        # Without TE the softmax runs inside SDPA's kernel; TE's own attention fuses it too.
+        "softmax": "fused into the attention kernel",
         "SwiGLU": "fused (torch.compile)" if config.bias_activation_fusion else "unfused",
     }
 

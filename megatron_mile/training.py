@@ -337,6 +337,7 @@ def pretrain(args: argparse.Namespace) -> None:
     trainer = None
     try:
         trainer = Trainer(args)
+        interrupts.describe_interrupt_with(trainer.interrupt_message)
         trainer.train()
     except KeyboardInterrupt:
         if trainer is None:

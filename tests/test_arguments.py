@@ -212,9 +212,11 @@ def test_help_shows_every_real_default_and_one_meaning_per_paired_flag():
     for flag, default in (("--lr", "0.0003"), ("--lr-warmup-iters", "2000"), ("--micro-batch-size", "4"),
                           ("--global-batch-size", "8"), ("--eval-interval", "1000"), ("--loss", "mile")):
         assert f"(default: {default})" in blocks[flag]
-    # A pair of switches for one setting: one says it is the default, the other does not claim one.
-    assert "(default" not in blocks["--no-distributed-optimizer"]
-    assert "on unless --no-distributed-optimizer" in blocks["--use-distributed-optimizer"]
+    # A pair of switches for one setting: neither claims argparse's None as a default; one says
+    # what happens without either.
+    assert "(default" not in blocks["--no-distributed-optimizer"] + blocks["--use-distributed-optimizer"]
+    assert "Without either flag: the distributed optimizer when DP > 1, the regular one at DP=1" in \
+        " ".join(blocks["--use-distributed-optimizer"].split())
     # Written for users: no internal names.
     assert not re.search(r"ConfigError|validate\(|megatron_mile\.(?!train )|megatron_lm_flags|``", text)
     # The Megatron-LM compatibility table is summarised at the end.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dist_utils import run_ranks
-from training_utils import losses, read_records, train, train_command, train_env
+from training_utils import losses, train, train_command, train_env
 
 LONG = 400  # iterations: a run that is still going when the signal comes
 

@@ -56,7 +56,7 @@ def _allocated(cases) -> list[dict]:
         if groups:
             config = dataclasses.replace(config, num_query_groups=groups)
         chunks = mm.build_model_chunks(config, VOCAB, shape.seq_length, 3, rt.device)
-        settings = optim_settings(*([] if distributed else ["--no-distributed-optimizer"]))
+        settings = optim_settings("--use-distributed-optimizer" if distributed else "--no-distributed-optimizer")
         if bucket_size is None:
             model = optim.wrap_data_parallel(config, chunks, settings)
         else:  # stock megatron-core DDP with a small bucket size
@@ -239,6 +239,7 @@ def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(s
     import shlex
 
     from megatron_mile.arguments import parse_args
+    from megatron_mile.optim import choose_distributed_optimizer
     from megatron_mile.planning.planner import choices, family
     from test_launchers import REPO, _launch
 
@@ -256,7 +257,7 @@ def test_launcher_layout_is_a_top_choice_on_80_gb_cards_or_its_header_says_why(s
                       micro_batch_size=trainer.micro_batch_size,
                       num_microbatches=trainer.global_batch_size // (dp * trainer.micro_batch_size),
                       sequence_parallel=trainer.sequence_parallel,
-                      distributed_optimizer=trainer.use_distributed_optimizer,
+                      distributed_optimizer=choose_distributed_optimizer(trainer.use_distributed_optimizer, dp, None)[0],
                       recompute="full" if trainer.recompute_activations else "none")
     (estimate,) = [e for e in estimates if e.layout == launcher]
     assert estimate.fits
