@@ -23,8 +23,10 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	PYTHON=$(PY) bash examples/demo.sh
 
+# Two pytest-xdist workers, one test file each at a time: a file's shared fixtures (trained runs,
+# the README's scratch checkout) are built once, and the README's blocks run in order.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss_bench.py
