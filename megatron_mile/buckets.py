@@ -21,6 +21,8 @@ import warnings
 warnings.filterwarnings("ignore", module=r"megatron\.core")  # Apex/TE fallbacks are irrelevant here
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
 
+from megatron_mile.cli import ArgumentParser  # noqa: E402
+
 # Nothing heavy at import: --count-workers spawns processes that import this module again.
 PROG = "megatron-mile-buckets"
 
@@ -28,7 +30,7 @@ PROG = "megatron-mile-buckets"
 def build_parser() -> argparse.ArgumentParser:
     from megatron_mile.evaluation.bucket_analysis import DEFAULT_CUTOFFS, DEFAULT_MAX_TOKENS, DEFAULT_MICRO_BATCH_SIZE
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", metavar="RUN_OR_HF",
                    help="training --save directories (or iter_N checkpoints) and Hugging Face model directories")
     p.add_argument("--labels", nargs="+", help="one per model (default: the directory names)")

@@ -17,26 +17,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
+from megatron_mile.cli import ArgumentParser
 from megatron_mile.comparison.heldout_task import TaskSettings
-
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-warnings.filterwarnings("ignore", message="Apex is not installed")
 
 PROG = "megatron-mile-compare"
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + error
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_mile.comparison.pipeline import LOSSES, ComparisonConfig, trainer_default
     from megatron_mile.comparison.runs import LAYOUTS
 
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True, help="runs, evaluations and the comparison go here")
     p.add_argument("--data-path", nargs="+", required=True, help="the training data, as megatron-mile-train takes it")
     p.add_argument("--tokenizer-model", required=True)

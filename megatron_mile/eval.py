@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
+from megatron_mile.cli import ArgumentParser
 from megatron_mile.evaluation.harness import DTYPES, PRESETS, HarnessOptions
-
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-warnings.filterwarnings("ignore", message="Apex is not installed")
 
 PROG = "megatron-mile-eval"
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + error
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _batch_size(value: str):
@@ -54,7 +47,7 @@ def _limit(value: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     presets = "; ".join(f"{name}: {','.join(tasks)}" for name, tasks in PRESETS.items())
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", metavar="RUN_OR_HF", help="run directories, checkpoints or HF model dirs")
     p.add_argument("--labels", nargs="+", help="one per model (default: the directory names)")
     p.add_argument("--tasks", required=True, help=f"comma-separated lm-eval task names and/or presets ({presets})")

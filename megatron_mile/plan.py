@@ -21,6 +21,7 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
 from megatron_mile.arguments import ConfigError, add_model_arguments, checked_model_shape  # noqa: E402
+from megatron_mile.cli import ArgumentParser  # noqa: E402
 from megatron_mile.metrics import PEAK_BF16_FLOPS, format_tokens  # noqa: E402
 from megatron_mile.model import count_parameters  # noqa: E402
 from megatron_mile.planning.activations import ATTENTIONS  # noqa: E402
@@ -37,11 +38,6 @@ class PlanError(ValueError):
     """Input that no layout satisfies; the message is one line with the nearest alternative."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every other bad input
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _micro_batch_size(value: str) -> int | None:
     if value == "auto":
         return None
@@ -51,7 +47,7 @@ def _micro_batch_size(value: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--vocab-size", type=int, default=32000,
                    help="the tokenizer's vocabulary (the paper's LLaMA tokenizer: 32000); padded per TP as in training")
