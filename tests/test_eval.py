@@ -217,7 +217,7 @@ def test_bad_inputs_fail_first_one_line_each(evaluated, tmp_path, capsys):
     assert _errors(capsys, [evaluated["run"], evaluated["hf"], "--labels", "x", "x", "--tasks", TASK, *common]) == \
         ["--labels: labels must be unique, got x, x"]
     assert _errors(capsys, [evaluated["run"], "--tasks", TASK, "--batch-size", "0", *common]) == \
-        ["argument --batch-size: expected a positive integer or auto[:N], got '0'"]
+        ["argument --batch-size: expected a positive integer or auto[:N], got '0' (see --help)"]
     assert not os.path.exists(out)
 
 
