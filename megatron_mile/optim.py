@@ -32,11 +32,12 @@ class OptimSettings:
     lr_warmup_iters: int
     lr_decay_iters: int | None  # None: the run's train iterations
     lr_decay_style: str
-    use_distributed_optimizer: bool
+    use_distributed_optimizer: bool  # resolved: the flag may be unset (see choose_distributed_optimizer)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> OptimSettings:
-        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+    def from_args(cls, args: argparse.Namespace, use_distributed_optimizer: bool) -> OptimSettings:
+        flags = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "use_distributed_optimizer"}
+        return cls(**flags, use_distributed_optimizer=use_distributed_optimizer)
 
 
 def wrap_data_parallel(config: TransformerConfig, chunks: list[torch.nn.Module], settings: OptimSettings,

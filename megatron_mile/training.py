@@ -14,7 +14,6 @@ they are identical.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
@@ -109,7 +108,7 @@ class Trainer:
         distributed, note = optim.choose_distributed_optimizer(args.use_distributed_optimizer, self.rt.dp, saved_format)
         if note and self.rt.is_logging_rank:
             log.info(note)
-        self.settings = dataclasses.replace(optim.OptimSettings.from_args(args), use_distributed_optimizer=distributed)
+        self.settings = optim.OptimSettings.from_args(args, use_distributed_optimizer=distributed)
         self.model = optim.wrap_data_parallel(self.config, self.chunks, self.settings)
         self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
         self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)

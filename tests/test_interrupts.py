@@ -51,7 +51,8 @@ class Running:
 
 def test_ctrl_c_prints_one_line_and_exits_130(demo, tmp_path):
     """Ctrl-C at a terminal signals the launcher's process group; torchrun forwards SIGINT to each
-    worker (they run in sessions of their own). Not a traceback from any of them."""
+    worker (each runs in its own process group, detached from the terminal). Not a traceback from
+    any of them."""
     save = str(tmp_path / "run")
     run = Running(train_command(demo, 2, save, "--save-interval", "2", iters=LONG, launcher="megatron_mile.launch"))
     run.wait_for_iteration(3)

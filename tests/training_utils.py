@@ -81,10 +81,12 @@ def losses(records: list[dict], key: str = "loss") -> np.ndarray:
     return np.array([r[key] for r in records])
 
 
-def optim_settings(*flags: str):
-    """The trainer's optimizer settings for these flags, every other flag at its default."""
+def optim_settings(*flags: str, dp: int = 1):
+    """The trainer's optimizer settings for these flags at this DP size (no checkpoint loaded),
+    every other flag at its default."""
     from megatron_mile import optim
     from megatron_mile.arguments import parse_args
 
-    return optim.OptimSettings.from_args(
-        parse_args(["--train-iters", "1", "--data-path", "unused", "--tokenizer-model", "unused", *flags]))
+    args = parse_args(["--train-iters", "1", "--data-path", "unused", "--tokenizer-model", "unused", *flags])
+    distributed, _ = optim.choose_distributed_optimizer(args.use_distributed_optimizer, dp, None)
+    return optim.OptimSettings.from_args(args, use_distributed_optimizer=distributed)
