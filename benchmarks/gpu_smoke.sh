@@ -9,9 +9,10 @@
 #   environment  the GPU, the torch / CUDA / megatron-core versions, and a first compilation of
 #                megatron-core's fused SwiGLU (torch.compile), which says whether training uses
 #                the fused or the unfused activation
-#   loss tests   tests/test_loss.py's single-rank cases on CUDA (fp32 and bf16 logits against
+#   kernel tests tests/test_loss.py's single-rank cases on CUDA (fp32 and bf16 logits against
 #                float64 references computed on the CPU, and a check that the loss never makes
-#                the host wait for the GPU)
+#                the host wait for the GPU) and tests/test_multi_tensor.py's grad-norm and scaling
+#                kernels (the same float64 and host-wait checks)
 #   loss bench   benchmarks/loss_bench.py on CUDA with fp32, then bf16 logits (8192 x 32000):
 #                time and peak memory of the CE, focal and MiLe losses as ratios to megatron-core's
 #                cross-entropy
@@ -77,8 +78,8 @@ ENV_PROBE='import logging, torch, megatron.core; logging.basicConfig(level=loggi
 add_step install 20 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target "$WORK/site" "$WHEEL_DIR"/*.whl
 add_step environment 40 "$PYTHON" -c "$ENV_PROBE"
-add_step "loss tests" 45 env MEGATRON_MILE_TEST_DEVICE=cuda "$PYTHON" -m pytest -q --tb=short -p no:cacheprovider \
-    tests/test_loss.py -k "single_rank or extreme or gamma or host_sync or no_gradient"
+add_step "kernel tests" 45 env MEGATRON_MILE_TEST_DEVICE=cuda "$PYTHON" -m pytest -q --tb=short -p no:cacheprovider \
+    tests/test_loss.py tests/test_multi_tensor.py -k "single_rank or extreme or gamma or host_sync or no_gradient or l2_norm or scale_"
 add_step "loss bench fp32" 30 "$PYTHON" benchmarks/loss_bench.py --device cuda --rows 8192 --dtype fp32
 add_step "loss bench bf16" 30 "$PYTHON" benchmarks/loss_bench.py --device cuda --rows 8192 --dtype bf16
 add_step training 135 "$PYTHON" benchmarks/train_bench.py --preset 468M --bf16 --seq-length 1024 \
@@ -213,7 +214,7 @@ lines() {  # STEP_NAME REGEX: the matching lines of that step's output
         echo "| ${NAMES[$i]} | ${RESULTS[$i]} | ${SPENT[$i]} | ${LIMITS[$i]} |"
     done
     echo
-    echo "loss tests: $(lines 'loss tests' '^[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s' | tail -1)"
+    echo "kernel tests: $(lines 'kernel tests' '^[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s' | tail -1)"
     for dtype in fp32 bf16; do
         echo
         lines "loss bench $dtype" '^[0-9]+ x [0-9]+ |^\| |^TP=1: '

@@ -18,6 +18,11 @@ keeps for a few small helpers); or, with ``--baseline-hf``, Hugging Face's Llama
 at the same shape, loss and micro-batch (``hf_llama_train.py``). The two arms alternate in
 blocks of steps, and the report is each arm's median step time and their ratio: on a busy
 machine a steadier comparison than ``train_bench.py``'s separate processes.
+
+On a GPU every timed step ends with a device synchronisation (the time counts the kernels,
+not only their launches), and ``--profile`` adds the device activity: each arm's GPU kernel time
+per step next to its step time (a step much longer than its kernels waits on the host), and a
+table by self device time before the one by self CPU time.
 """
 
 from __future__ import annotations
@@ -78,6 +83,13 @@ def _hf_step(trainer) -> Callable[[], None]:
                       trainer.args.bf16, trainer.rt.device)
 
 
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed_steps(step: Callable[[], object], steps: int, before: Callable[[], Callable[[], None]] | None = None,
                  ) -> list[tuple[float, float]]:
     """(wall, process CPU) seconds of each step."""
@@ -85,8 +97,10 @@ def _timed_steps(step: Callable[[], object], steps: int, before: Callable[[], Ca
     times = []
     try:
         for _ in range(steps):
+            _synchronize()
             wall, cpu = time.perf_counter(), time.process_time()
             step()
+            _synchronize()
             times.append((time.perf_counter() - wall, time.process_time() - cpu))
     finally:
         if undo:
@@ -150,17 +164,32 @@ def main() -> None:
         print(f"this / baseline step time: {ratios[0]:.3f} wall, {ratios[1]:.3f} CPU")
 
     if args.profile:
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
+        on_gpu = torch.cuda.is_available()
+        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
         for name, (step, before) in arms.items():
             undo = before() if before else None
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=activities) as prof:
                 for _ in range(args.profile):
                     step()
+                _synchronize()
             if undo:
                 undo()
-            print(f"\n### {name}: {args.profile} steps, by self CPU time")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+            events = prof.key_averages()
+            if on_gpu:
+                # Kernel time only, as the profiler's own total: not the operators that launched the
+                # kernels, nor annotations such as the optimizer's step.
+                kernel_ms = sum(e.self_device_time_total for e in events
+                                if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1000
+                wall_ms = 1000 * medians[name][0]
+                print(f"\n### {name}: {args.profile} steps; GPU kernels {kernel_ms / args.profile:.1f} ms per step, "
+                      f"against a median step of {wall_ms:.1f} ms (unprofiled)")
+                print(f"by self device time:\n{events.table(sort_by='self_device_time_total', row_limit=args.rows)}")
+            else:
+                print(f"\n### {name}: {args.profile} steps")
+            print(f"by self CPU time:\n{events.table(sort_by='self_cpu_time_total', row_limit=args.rows)}")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def _restore_adam_steps(optimizer: MegatronOptimizer, loaded: dict[str, Any]) ->
             continue
         (step,) = {group["step"] for group in state["optimizer"]["param_groups"]}
         for param_state in opt.optimizer.state.values():
-            param_state["step"] = torch.tensor(float(step))
+            # Where the load put it: on the parameter's device for the fused kernel, else on the CPU.
+            param_state["step"] = torch.full_like(param_state["step"], float(step))
 
 
 def save_checkpoint(root: str, chunks: list[torch.nn.Module], optimizer: MegatronOptimizer, scheduler,

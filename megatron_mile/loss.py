@@ -76,6 +76,9 @@ __all__ = ["CHUNK_ELEMENTS", "TokenLosses", "vocab_parallel_ce_and_entropy", "we
 # Elements per row chunk on CPU (1 MiB of fp32): small enough to stay in cache, large enough that
 # the per-chunk Python overhead is negligible next to the exp.
 CHUNK_ELEMENTS = 1 << 18
+# Elements per row chunk on a GPU at least (16 MiB of fp32): below that a chunk's kernels are too
+# short to hide their launches, and a small vocabulary would cost hundreds of launches per step.
+MIN_GPU_CHUNK_ELEMENTS = 1 << 22
 
 _KINDS = ("ce", "focal", "mile")
 _ALPHA_MODES = ("global", "legacy")
@@ -108,12 +111,16 @@ def _chunk_rows(z: torch.Tensor, columns: int) -> int:
     """Rows per chunk: each fp32 work buffer is at most 1/32 of the logits' bytes (rows/32 for fp32
     logits, rows/64 for 16-bit ones), so the two live at once stay <= 1/16 of the logits.
 
-    On CPU also at most ``CHUNK_ELEMENTS``, to stay in cache; on GPU more chunks only add launches.
+    On CPU also at most ``CHUNK_ELEMENTS``, to stay in cache. On a GPU at least
+    ``MIN_GPU_CHUNK_ELEMENTS`` (where the logits are that small, the buffers are small anyway):
+    there more chunks only add launches.
     """
     rows = z.shape[0]
+    columns = max(columns, 1)
     share = rows * z.element_size() // (4 * 32)
-    in_cache = CHUNK_ELEMENTS // max(columns, 1) if z.device.type == "cpu" else rows
-    return max(1, min(in_cache, share))
+    if z.device.type == "cpu":
+        return max(1, min(CHUNK_ELEMENTS // columns, share))
+    return min(rows, max(1, share, MIN_GPU_CHUNK_ELEMENTS // columns))
 
 
 def _local_stats(z: torch.Tensor, real: int, with_shift_sum: bool,

@@ -137,7 +137,8 @@ def optional_kernels(config: TransformerConfig) -> dict[str, str]:
 
 def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp: int | None = None,
                              sequence_parallel: bool = False, bf16: bool = False,
-                             recompute_activations: bool = False) -> TransformerConfig:
+                             recompute_activations: bool = False, bias_swiglu_fusion: bool = True,
+                             ) -> TransformerConfig:
     """megatron-core's config for ``shape``; the RoPE base goes to the model (``build_model_chunks``)."""
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -172,7 +173,7 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         autocast_dtype=dtype,
         # Fused kernels exist only on CUDA; the softmax one is a compiled extension (apex or
         # Megatron-LM's kernels) that megatron-core imports only when a bf16 shape qualifies.
-        bias_activation_fusion=on_gpu and fused_swiglu_compiles(torch.device("cuda"), dtype),
+        bias_activation_fusion=bias_swiglu_fusion and on_gpu and fused_swiglu_compiles(torch.device("cuda"), dtype),
         masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,

@@ -17,6 +17,8 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, distrib_
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
+from megatron_mile import multi_tensor
+
 
 @dataclass(frozen=True)
 class OptimSettings:
@@ -100,10 +102,11 @@ def fused_adam_available() -> bool:
 
 
 def adam_implementation() -> str:
-    return "apex/Transformer Engine FusedAdam" if fused_adam_available() else "torch Adam (no apex or Transformer Engine)"
+    return "apex/Transformer Engine FusedAdam" if fused_adam_available() else "torch fused AdamW (no apex or Transformer Engine)"
 
 
 def build_optimizer(model: list[DistributedDataParallel], settings: OptimSettings, bf16: bool) -> MegatronOptimizer:
+    multi_tensor.install()  # before megatron-core's first grad norm: its fallback waits on the GPU per tensor
     config = OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
@@ -117,7 +120,26 @@ def build_optimizer(model: list[DistributedDataParallel], settings: OptimSetting
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=settings.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, model)
+    optimizer = get_megatron_optimizer(config, model)
+    _use_fused_torch_adam(optimizer)
+    return optimizer
+
+
+def _use_fused_torch_adam(optimizer: MegatronOptimizer) -> None:
+    """Without apex or Transformer Engine megatron-core builds torch's AdamW with torch's default
+    implementation: one tensor at a time on CPU, a chain of multi-tensor kernels on CUDA. torch's
+    fused kernel makes the same update in one pass over the state (on a 2-core CPU, 5.3M
+    parameters: 2.8 ms against 12.3 ms a step; on one GPU it is the kernel Hugging Face's
+    Trainer uses).
+
+    Set on the param groups, which checkpoints keep: a resumed run loads its step counters where
+    the fused kernel wants them (on the parameters' device), and a checkpoint saved without the
+    flag resumes without it.
+    """
+    for part in component_optimizers(optimizer):
+        if type(part.optimizer) is torch.optim.AdamW:
+            for group in part.optimizer.param_groups:
+                group.update(fused=True, foreach=False)
 
 
 def build_scheduler(optimizer: MegatronOptimizer, settings: OptimSettings, train_iters: int) -> OptimizerParamScheduler:
@@ -144,8 +166,8 @@ def component_optimizers(optimizer: MegatronOptimizer) -> list[MegatronOptimizer
 
 
 @torch.no_grad()
-def step_if_finite(optimizer: MegatronOptimizer, loss_is_finite: bool, device: torch.device) -> float | None:
-    """Clip and step when the loss and the grad norm are finite; else leave everything untouched.
+def step_if_finite(optimizer: MegatronOptimizer, loss_stats: torch.Tensor) -> float | None:
+    """Clip and step when the loss statistics and the grad norm are finite; else leave everything untouched.
 
     Returns the grad norm (before clipping), or None for a skipped step. megatron-core's
     ``optimizer.step()`` would already have updated Adam's moments (and applied weight decay)
@@ -154,8 +176,10 @@ def step_if_finite(optimizer: MegatronOptimizer, loss_is_finite: bool, device: t
     that is finite the clipping and ``step_with_ready_grads``. A skipped step leaves the
     parameters and the optimizer state exactly as they were.
 
-    ``loss_is_finite`` rides in the norm's all-reduce as one more element, 0 or NaN, so the
-    whole check costs the norm's own all-reduce and host sync and no per-gradient temporary.
+    ``loss_stats`` (the step's loss statistics, still on the device; zeros on stages without
+    the loss) rides in the norm's all-reduce as one more element, :math:`0 \cdot \sum_k s_k`,
+    which is 0, or NaN when any :math:`s_k` is infinite or NaN. So the whole check costs the
+    norm's own all-reduce and its one host sync, and no per-gradient temporary.
     Every rank gets the same norm: the all-reduce group (the world for the distributed
     optimizer; one data-parallel replica's model-parallel group for the regular one, whose
     grads and loss statistics are the same on every replica) always holds a last pipeline
@@ -168,8 +192,7 @@ def step_if_finite(optimizer: MegatronOptimizer, loss_is_finite: bool, device: t
         return None
     parts = component_optimizers(optimizer)
     grads = [grad for part in parts for grad in part.get_main_grads_for_grad_norm()]
-    loss_flag = torch.zeros(1, dtype=torch.float32, device=device)  # filled on the device: no host copy
-    grads.append(loss_flag if loss_is_finite else loss_flag.fill_(math.nan))
+    grads.append((loss_stats.sum() * 0).float().reshape(1))
     # Looked up at call time: the CPU layer (megatron_mile.runtime) replaces these two.
     grad_norm = clip_grads.get_grad_norm_fp32(grads,
                                               grad_stats_parallel_group=optimizer.get_grad_stats_parallel_group())

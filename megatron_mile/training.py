@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 from functools import partial
 from typing import Any, Iterator
@@ -25,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mile import checkpointing, interrupts, metrics, optim, run_dir, runtime
+from megatron_mile import checkpointing, interrupts, metrics, multi_tensor, optim, run_dir, runtime
 from megatron_mile.arguments import model_shape, virtual_pipeline_stages
 from megatron_mile.checkpointing import TrainingState
 from megatron_mile.data import build_pretraining_datasets, build_tokenizer, load_blend
@@ -70,6 +69,15 @@ def micro_batches(dataset, first_sample: int, global_batch_size: int, micro_batc
     return batches
 
 
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on ``device``. To a GPU through pinned memory and without blocking: a copy from
+    pageable memory would first wait for all the GPU work queued so far (the previous step's
+    optimizer), so the host could not queue this step's forward pass ahead of the GPU."""
+    if device.type != "cuda":
+        return batch
+    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
+
+
 def _data_iterators(batches: list[dict[str, torch.Tensor]], num_chunks: int) -> Iterator | list[Iterator]:
     """The interleaved schedule takes one iterator per model chunk, each over every micro-batch."""
     if num_chunks == 1:
@@ -97,12 +105,11 @@ class Trainer:
         self._build_data()
         self.config = build_transformer_config(
             self.shape, tp=self.rt.tp, pp=self.rt.pp, vp=self.rt.vp, sequence_parallel=args.sequence_parallel,
-            bf16=args.bf16, recompute_activations=args.recompute_activations)
+            bf16=args.bf16, recompute_activations=args.recompute_activations,
+            bias_swiglu_fusion=args.bias_swiglu_fusion)
         self.chunks = build_model_chunks(self.config, self.vocab_size, self.shape.seq_length, args.seed,
                                          self.rt.device, vocab_divisible_by=args.make_vocab_size_divisible_by,
                                          rotary_base=self.shape.rotary_base)
-        kernels = {**optional_kernels(self.config), "optimizer": optim.adam_implementation()}
-        log.info("kernels: %s", " | ".join(f"{part} {kind}" for part, kind in kernels.items()))
         loads_optimizer = self.start.load and not self.start.weights_only and not args.no_load_optim
         saved_format = checkpointing.saved_optimizer_format(self.start.load) if loads_optimizer else None
         distributed, note = optim.choose_distributed_optimizer(args.use_distributed_optimizer, self.rt.dp, saved_format)
@@ -111,6 +118,9 @@ class Trainer:
         self.settings = optim.OptimSettings.from_args(args, use_distributed_optimizer=distributed)
         self.model = optim.wrap_data_parallel(self.config, self.chunks, self.settings)
         self.optimizer = optim.build_optimizer(self.model, self.settings, args.bf16)
+        kernels = {**optional_kernels(self.config), "optimizer": optim.adam_implementation(),
+                   "grad norm and clipping": multi_tensor.implementation()}
+        log.info("kernels: %s", " | ".join(f"{part} {kind}" for part, kind in kernels.items()))
         self.scheduler = optim.build_scheduler(self.optimizer, self.settings, args.train_iters)
         self.state = TrainingState()
         if self.start.overwrite:
@@ -170,16 +180,17 @@ class Trainer:
         return loss, {"loss": loss.detach().clone(), **{k: stats[k] for k in ("ce", "entropy", "alpha")}}
 
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        labels = batch["labels"].to(self.rt.device)
+        batch = _to_device(next(data_iterator), self.rt.device)
+        labels = batch["labels"]
         # Given labels, the model returns [s, b, V/tp] logits without a transposing copy
         # (model.LoopLossGPTModel): the loss takes labels and mask in that order too.
-        logits = model(batch["tokens"].to(self.rt.device), batch["position_ids"].to(self.rt.device), None,
-                       labels=labels)
-        return logits, partial(self._loss_func, labels.t(), batch["loss_mask"].to(self.rt.device).t())
+        logits = model(batch["tokens"], batch["position_ids"], None, labels=labels)
+        return logits, partial(self._loss_func, labels.t(), batch["loss_mask"].t())
 
-    def _run_schedule(self, batches: list[dict[str, torch.Tensor]], forward_only: bool) -> dict[str, float]:
-        """Forward (and backward) over the micro-batches; stats averaged over micro-batches and DP."""
+    def _run_schedule(self, batches: list[dict[str, torch.Tensor]], forward_only: bool) -> torch.Tensor:
+        """Forward (and backward) over the micro-batches: the ``STAT_KEYS`` statistics averaged over
+        micro-batches and DP, as one float64 tensor left on the device (reading it would make the
+        host wait for the backward pass)."""
         outputs = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=_data_iterators(batches, len(self.model)),
@@ -198,10 +209,11 @@ class Trainer:
             values /= max(len(outputs), 1)
             dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
             values /= parallel_state.get_data_parallel_world_size()
-        return dict(zip(STAT_KEYS, values.tolist()))
+        return values
 
-    def train_step(self) -> tuple[dict[str, float], float | None]:
-        """One global batch. Returns the stats and the grad norm (None when the step was skipped)."""
+    def train_step(self) -> tuple[torch.Tensor, float | None]:
+        """One global batch. Returns the statistics (on the device, as ``_run_schedule``) and the
+        grad norm (None when the step was skipped)."""
         for ddp in self.model:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -210,10 +222,7 @@ class Trainer:
         stats = self._run_schedule(batches, forward_only=False)
         self.state.consumed_samples += self.args.global_batch_size
         self.state.iteration += 1
-        # Only the last stage has the loss; the other stages' stats are placeholders.
-        loss_is_finite = (not parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-                          or all(map(math.isfinite, stats.values())))
-        grad_norm = optim.step_if_finite(self.optimizer, loss_is_finite, self.rt.device)
+        grad_norm = optim.step_if_finite(self.optimizer, stats)
         if grad_norm is not None:
             self.scheduler.step(increment=1)
         return stats, grad_norm
@@ -224,16 +233,14 @@ class Trainer:
     def _eval_dataset(self, dataset) -> dict[str, float]:
         for ddp in self.model:
             ddp.eval()
-        totals = dict.fromkeys(STAT_KEYS, 0.0)
+        totals = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.rt.device)
         gbs = self.args.global_batch_size
         for i in range(self.args.eval_iters):
-            stats = self._run_schedule(micro_batches(dataset, i * gbs, gbs, self.args.micro_batch_size,
-                                                     self.vocab_size), forward_only=True)
-            for k in STAT_KEYS:
-                totals[k] += stats[k] / self.args.eval_iters
+            totals += self._run_schedule(micro_batches(dataset, i * gbs, gbs, self.args.micro_batch_size,
+                                                       self.vocab_size), forward_only=True)
         for ddp in self.model:
             ddp.train()
-        return totals
+        return dict(zip(STAT_KEYS, (totals / self.args.eval_iters).tolist()))
 
     def evaluate(self) -> None:
         """Log-ppl (mean NLL, never label-smoothed) on the blended validation set and every domain's."""
@@ -273,7 +280,7 @@ class Trainer:
                   f"{padded}) | TP {self.rt.tp} PP {self.rt.pp} "
                   f"DP {self.rt.dp} VP {self.rt.vp} | micro-batches {self.num_microbatches} | loss {args.loss}")
         skipped_in_a_row = 0
-        window: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
+        window = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.rt.device)  # read when logged
         window_steps = 0
         last_norm = float("nan")
         self.throughput.restart()
@@ -287,11 +294,11 @@ class Trainer:
             else:
                 skipped_in_a_row = 0
                 last_norm = grad_norm
-                window = {k: window[k] + stats[k] for k in STAT_KEYS}
+                window += stats
                 window_steps += 1
             if self.state.iteration % args.log_interval == 0:
                 self._log_window(window, window_steps, last_norm, skipped_in_a_row)
-                window, window_steps = dict.fromkeys(STAT_KEYS, 0.0), 0
+                window, window_steps = torch.zeros_like(window), 0
             if skipped_in_a_row >= args.max_skipped_iters:
                 raise TrainingAborted(f"{skipped_in_a_row} consecutive non-finite iterations "
                                       f"(--max-skipped-iters {args.max_skipped_iters}); stopping at iteration "
@@ -318,10 +325,10 @@ class Trainer:
     def interrupt_message(self) -> str:
         return interrupts.interrupt_message(self.state.iteration, self.args.save, self.last_checkpoint)
 
-    def _log_window(self, window: dict[str, float], steps: int, grad_norm: float, skipped: int) -> None:
+    def _log_window(self, window: torch.Tensor, steps: int, grad_norm: float, skipped: int) -> None:
         values: dict[str, Any] = {"iteration": self.state.iteration,
                                   "consumed_tokens": self.state.consumed_samples * self.shape.seq_length}
-        values.update({k: (window[k] / steps if steps else float("nan")) for k in STAT_KEYS})
+        values.update(zip(STAT_KEYS, (window / steps).tolist() if steps else [float("nan")] * len(STAT_KEYS)))
         values.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm, skipped=skipped)
         values.update(self.throughput.window(self.state.iteration))
         self._log(metrics.console_line(self.state.iteration, self.args.train_iters, values))

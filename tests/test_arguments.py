@@ -250,3 +250,18 @@ def test_readme_training_section_names_only_real_flags_and_lists_the_megatron_lm
     missing = [entry.flag for entry in megatron_lm_flags.FLAGS if f"`{entry.flag}" not in table]
     assert not missing, f"README's Megatron-LM table misses {missing}"
     assert len(named) > 30
+
+
+def test_no_bias_swiglu_fusion_turns_the_gpu_fusion_off(monkeypatch):
+    import torch
+
+    from megatron_mile import model as mm
+    from megatron_mile.arguments import parse_args
+
+    # As on a GPU where megatron-core's compiled SwiGLU works.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mm, "fused_swiglu_compiles", lambda device, dtype: True)
+    for flags, fused in (([], True), (["--no-bias-swiglu-fusion"], False)):
+        args = parse_args(["--train-iters", "1", "--data-path", "d", "--tokenizer-model", "t", *flags])
+        config = mm.build_transformer_config(mm.PRESETS["tiny"], bias_swiglu_fusion=args.bias_swiglu_fusion)
+        assert config.bias_activation_fusion is fused

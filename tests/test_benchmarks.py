@@ -101,3 +101,25 @@ def test_loss_bench_fails_within_seconds_when_a_rank_dies():
         loss_bench.spawn(2, "time", ["megatron_ce"], args, target=_rank_1_dies)
     # rank 0 alone would wait for gloo's 30-minute timeout
     assert time.monotonic() - start < 120
+
+
+def test_step_profile_times_and_profiles_the_trainer_against_hugging_face(demo, tmp_path):
+    import re
+
+    from training_utils import demo_data_dir
+
+    data = demo_data_dir(demo, tmp_path / "demo")
+    shape = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "176",
+             "--seq-length", "32"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "step_profile.py"), "--baseline-hf",
+                           "--steps", "3", "--block", "2", "--warmup", "1", "--profile", "1", "--rows", "5",
+                           "--data-dir", data, "--", *shape], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    medians = dict(re.findall(r"^(this|baseline)\b.*?median step ([0-9.]+) ms wall", proc.stdout, re.M))
+    assert set(medians) == {"this", "baseline"}, proc.stdout
+    assert "baseline (Hugging Face LlamaForCausalLM, SDPA, AdamW)" in proc.stdout
+    ratio = float(re.search(r"^this / baseline step time: ([0-9.]+) wall", proc.stdout, re.M).group(1))
+    assert ratio == pytest.approx(float(medians["this"]) / float(medians["baseline"]), rel=0.02)  # medians rounded
+    assert "### this: 1 steps" in proc.stdout and "### baseline: 1 steps" in proc.stdout
+    assert proc.stdout.count("by self CPU time:") == 2 and "aten::mm" in proc.stdout

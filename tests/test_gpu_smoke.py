@@ -2,7 +2,7 @@
 
 The script's plan comes from ``--dry-run``: its steps' limits must fit 300 s, its Python entry
 points must accept their arguments (parsed by the scripts' own parsers, nothing run) and its test
-selection must collect the CUDA-relevant loss tests. Its input checks and its time limit run for
+selection must collect the CUDA-relevant loss and multi-tensor tests. Its input checks and its time limit run for
 real.
 """
 
@@ -69,7 +69,7 @@ def parsed(plan) -> dict[str, tuple[int | None, str]]:
 
 
 def test_dry_run_plans_every_step_within_300_seconds(plan, parsed):
-    assert list(plan) == ["install", "environment", "loss tests", "loss bench fp32", "loss bench bf16", "training"]
+    assert list(plan) == ["install", "environment", "kernel tests", "loss bench fp32", "loss bench bf16", "training"]
     assert sum(limit for limit, _ in plan.values()) <= 300
 
     install = plan["install"][1]
@@ -78,14 +78,16 @@ def test_dry_run_plans_every_step_within_300_seconds(plan, parsed):
     compile(environment[environment.index("-c") + 1], "<environment step>", "exec")
     assert parsed["loss bench fp32"] == (0, "") and parsed["loss bench bf16"] == (0, "")
 
-    tests = plan["loss tests"][1]
+    tests = plan["kernel tests"][1]
     assert tests[:2] == ["env", "MEGATRON_MILE_TEST_DEVICE=cuda"]
     run = subprocess.run([*tests[2:], "--collect-only"], cwd=REPO, env={**ENV, "MEGATRON_MILE_TEST_DEVICE": "cuda"},
                          capture_output=True, text=True, timeout=300)
     collected = [line for line in run.stdout.splitlines() if "::" in line]
-    for wanted in ("single_rank", "extreme", "gamma_zero", "no_host_sync", "guard_catches", "no_gradient"):
+    for wanted in ("single_rank", "extreme", "gamma_zero", "no_host_sync", "guard_catches", "no_gradient",
+                   "test_l2_norm_matches", "test_scale_in_place"):
         assert any(wanted in test for test in collected), (wanted, run.stdout[-2000:])
-    assert not any(name in test for test in collected for name in ("tensor_parallel", "peak_extra"))  # CPU only
+    # CPU only: multi-rank gloo, CPU memory, and an assertion that no Transformer Engine or Apex is installed.
+    assert not any(name in test for test in collected for name in ("tensor_parallel", "peak_extra", "installed_where"))
 
 
 def test_dry_run_training_step_parses(plan, parsed):

@@ -8,16 +8,15 @@ counts its all-reduces by wrapping ``torch.distributed.all_reduce``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_utils import run_ranks
+from host_sync import HostSync, no_host_sync
+from megatron_mile import loss as loss_module
 from megatron_mile.loss import vocab_parallel_ce_and_entropy, weighted_lm_loss
 
 F64 = torch.float64
@@ -210,45 +209,6 @@ def test_statistics_have_no_gradient():
 # ---------------------------------------------------------------- host syncs
 
 
-class HostSync(AssertionError):
-    pass
-
-
-# Ops whose result the host has to wait for on a GPU: .item() / bool() / int() / float() all go
-# through _local_scalar_dense; the others have a data-dependent output size.
-_SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::nonzero",
-             "aten::nonzero_numpy", "aten::argwhere", "aten::masked_select", "aten::_unique2",
-             "aten::unique_dim", "aten::unique_consecutive", "aten::repeat_interleave"}
-_INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
-
-
-class _SyncDispatchGuard(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name in _SYNC_OPS or (name == "aten::where" and len(args) == 1):
-            raise HostSync(f"host sync: {func}")
-        if name in _INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
-                                      for i in args[1]):
-            raise HostSync(f"host sync: {func} with a boolean mask")
-        return func(*args, **(kwargs or {}))
-
-
-class _SyncFunctionGuard(TorchFunctionMode):
-    _METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self._METHODS:
-            raise HostSync(f"host sync: Tensor.{func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    """Fails on any data-dependent host sync in the block (autograd's backward included)."""
-    with _SyncFunctionGuard(), _SyncDispatchGuard():
-        yield
-
-
 class _SyncInBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -257,6 +217,18 @@ class _SyncInBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * float(grad.sum())
+
+
+def test_gpu_chunks_hold_a_share_of_the_logits_but_not_fewer_elements_than_the_floor():
+    """Rows per chunk on a GPU (shapes only: meta tensors take the GPU rule): a 1/64 share of bf16
+    logits' rows, but never under MIN_GPU_CHUNK_ELEMENTS elements, nor over the rows there are."""
+    floor = loss_module.MIN_GPU_CHUNK_ELEMENTS
+    for rows, columns, dtype, expected in ((65536, 32000, torch.bfloat16, 1024),  # the share: rows / 64
+                                           (8192, 4096, torch.bfloat16, floor // 4096),  # the floor: 1024 rows
+                                           (8192, 4096, torch.float32, floor // 4096),
+                                           (64, 4096, torch.bfloat16, 64)):  # all the rows there are
+        z = torch.empty(rows, columns, dtype=dtype, device="meta")
+        assert loss_module._chunk_rows(z, columns) == expected, (rows, columns, dtype)
 
 
 def test_host_sync_guard_catches_planted_syncs():
@@ -282,9 +254,10 @@ def test_host_sync_guard_catches_planted_syncs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_no_host_sync_in_forward_and_backward(dtype):
+def test_no_host_sync_in_forward_and_backward(dtype, monkeypatch):
     """With the range check off (the GPU default) nothing waits for the device, as in megatron-core's CE."""
-    z, t, m = make_data(6, 1, 64, 57, dtype, shape=(33, 2))  # 66 rows: several chunks on GPU too
+    monkeypatch.setattr(loss_module, "MIN_GPU_CHUNK_ELEMENTS", 1)  # so that a GPU chunks these 66 rows too
+    z, t, m = make_data(6, 1, 64, 57, dtype, shape=(33, 2))
     for kind, alpha_mode, eps, inplace in (("mile", "global", 0.1, True), ("focal", "legacy", 0.0, False),
                                            ("ce", "global", 0.0, True)):
         leaf = z[0].to(DEVICE).clone().requires_grad_()

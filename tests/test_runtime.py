@@ -64,6 +64,9 @@ def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, 
     losses = [float(o["loss"]) for o in out]
     result = {"losses": losses, "last_stage": parallel_state.is_pipeline_last_stage(), "tp_rank": rt.rank % tp}
     if step:
+        if world == 1:  # the norm from its definition, over every gradient the optimizer sees
+            grads = [p.main_grad.double() for m in model for p in m.module.parameters()]
+            result["grad_norm_f64"] = float(torch.sqrt(sum((g * g).sum() for g in grads)))
         ok, grad_norm, _ = optimizer.step()
         assert ok
         result["grad_norm"] = float(grad_norm)
@@ -96,6 +99,7 @@ def test_data_parallel_step_with_clipping_matches_single_rank(distributed_optimi
     dp2 = run_ranks(_run_layout, 2, 1, 1, 1, True, distributed_optimizer)
     # The grad norm exceeds clip_grad, so the update was really clipped.
     assert single["grad_norm"] > 0.05
+    assert single["grad_norm"] == pytest.approx(single["grad_norm_f64"], rel=1e-6)
     for r in dp2:
         np.testing.assert_allclose(r["grad_norm"], single["grad_norm"], rtol=1e-5)
         np.testing.assert_allclose(r["final_norm"], single["final_norm"], rtol=1e-5, atol=1e-7)

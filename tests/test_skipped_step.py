@@ -37,6 +37,8 @@ def _snapshot(chunks, optimizer) -> dict[str, np.ndarray]:
 def _run(rank: int, world: int) -> dict[str, dict]:
     """For each optimizer: a normal step, an overflowing step, a step with a non-finite loss
     and a normal step again; the snapshots around the two skipped ones, and what moved after."""
+    import math
+
     import torch
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -80,7 +82,8 @@ def _run(rank: int, world: int) -> dict[str, dict]:
                                         num_microbatches=1, seq_length=SEQ, micro_batch_size=MBS)
             if overflow and sees_it:
                 model[0].buffers[0].grad_data[0] = 1e20  # after the grad reduction; in rank 0's shard
-            return optim.step_if_finite(optimizer, loss_is_finite or not sees_it, rt.device)
+            stats = torch.tensor([0.0 if loss_is_finite or not sees_it else math.nan], dtype=torch.float64)
+            return optim.step_if_finite(optimizer, stats)
 
         out = {"norms": [step()]}
         before = _snapshot(chunks, optimizer)
