@@ -40,6 +40,7 @@ def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, 
                               *([] if distributed_optimizer else ["--no-distributed-optimizer"]))
     model = optim.wrap_data_parallel(cfg, chunks, settings)
     optimizer = optim.build_optimizer(model, settings, bf16=False)
+    optim.build_scheduler(optimizer, settings, train_iters=10)  # as the trainer: sets lr, and wd 0 on norms
     dp_rank = parallel_state.get_data_parallel_rank()
     batches = [_batch(dp_rank * num_microbatches + i) for i in range(num_microbatches)]
     positions = torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)
@@ -67,6 +68,7 @@ def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, 
         if world == 1:  # the norm from its definition, over every gradient the optimizer sees
             grads = [p.main_grad.double() for m in model for p in m.module.parameters()]
             result["grad_norm_f64"] = float(torch.sqrt(sum((g * g).sum() for g in grads)))
+            result["final_norm_grad"] = model[-1].module.decoder.final_layernorm.weight.main_grad.double().numpy()
         ok, grad_norm, _ = optimizer.step()
         assert ok
         result["grad_norm"] = float(grad_norm)
@@ -100,6 +102,11 @@ def test_data_parallel_step_with_clipping_matches_single_rank(distributed_optimi
     # The grad norm exceeds clip_grad, so the update was really clipped.
     assert single["grad_norm"] > 0.05
     assert single["grad_norm"] == pytest.approx(single["grad_norm_f64"], rel=1e-6)
+    # The first AdamW step from its formula, on the final norm's weight (1 at init; norms get no weight
+    # decay, and the cosine schedule without warm-up starts at the peak lr):
+    # the clipped gradient g, m = (1 - b1) g, v = (1 - b2) g^2, bias-corrected: w = 1 - lr g / (|g| + eps).
+    g = single["final_norm_grad"] * 0.05 / (single["grad_norm_f64"] + 1e-6)
+    np.testing.assert_allclose(single["final_norm"], 1 - 1e-2 * g / (np.abs(g) + 1e-8), rtol=1e-6, atol=1e-7)
     for r in dp2:
         np.testing.assert_allclose(r["grad_norm"], single["grad_norm"], rtol=1e-5)
         np.testing.assert_allclose(r["final_norm"], single["final_norm"], rtol=1e-5, atol=1e-7)
