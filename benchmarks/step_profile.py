@@ -17,7 +17,9 @@ and the pipeline schedule run under the CPU layer's torch-function mode (which t
 keeps for a few small helpers); or, with ``--baseline-hf``, Hugging Face's LlamaForCausalLM
 at the same shape, loss and micro-batch (``hf_llama_train.py``). The two arms alternate in
 blocks of steps, and the report is each arm's median step time and their ratio: on a busy
-machine a steadier comparison than ``train_bench.py``'s separate processes.
+machine a steadier comparison than ``train_bench.py``'s separate processes, but not the same one
+(on the CPU, sharing a process came out a few percent more favourable to megatron-mile against
+Hugging Face than separate processes; BENCHMARKS.md).
 
 On a GPU every timed step ends with a device synchronisation (the time counts the kernels,
 not only their launches), and ``--profile`` adds the device activity: each arm's GPU kernel time
