@@ -24,7 +24,6 @@ from megatron_mile.comparison.heldout_task import TaskSettings
 PROG = "megatron-mile-compare"
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     from megatron_mile.comparison.pipeline import LOSSES, ComparisonConfig, trainer_default
     from megatron_mile.comparison.runs import LAYOUTS

@@ -20,7 +20,6 @@ from megatron_mile.evaluation.harness import DTYPES, PRESETS, HarnessOptions
 PROG = "megatron-mile-eval"
 
 
-
 def _batch_size(value: str):
     if value.startswith("auto"):
         return value

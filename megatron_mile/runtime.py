@@ -17,24 +17,23 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    ``add``/``fork`` and by activation recomputation) read and write the CPU state.
 3. Literal ``device="cuda"`` tensors are created on the CPU. Small helpers that make them
    run under a torch-function mode that rewrites CUDA devices to ``cpu`` in every torch
-   call: ``transformer.utils.get_default_causal_mask``, the grad-norm helpers
-   (``get_grad_norm_fp32``, ``count_zeros_fp32``) and the optimizers' constructors
-   (loss-scale and found-inf scalars). The three pipeline schedules make one (the token
+   call: ``transformer.utils.get_default_causal_mask``, the grad-norm and clipping helpers
+   (``get_grad_norm_fp32``, ``count_zeros_fp32``, ``clip_grad_by_total_norm_fp32``) and the
+   optimizers' constructors (loss-scale and found-inf scalars). The three pipeline schedules make one (the token
    counter, ``torch.zeros(..., device="cuda")``), but they also run the whole forward and
    backward, where that mode would put a Python call in front of every torch operation;
    instead the schedules module gets its own ``torch``, whose tensor factories create a
    tensor asked for on a CUDA device on the CPU and which is torch itself for everything
    else.
 4. The bf16 and distributed optimizers' constructors sort parameters by their CUDA type
-   names (``"torch.cuda.FloatTensor"``, ...) and reject anything else; under the same mode
-   ``Tensor.type()`` reports a CPU tensor by its CUDA name.
-5. ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; on CPU the
-   optimizer uses an equivalent that scales the grads in place with ``torch._foreach_mul_``.
-6. ``torch.cuda.synchronize()`` is a no-op (CPU work is already synchronous): the
+   names (``"torch.cuda.FloatTensor"``, ...) and reject anything else, and
+   ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; under the same
+   mode ``Tensor.type()`` reports a CPU tensor by its CUDA name.
+5. ``torch.cuda.synchronize()`` is a no-op (CPU work is already synchronous): the
    ``dist_checkpointing`` writer calls it after staging tensors to host memory.
-7. megatron-core's advice to set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (so that tensor-parallel
+6. megatron-core's advice to set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (so that tensor-parallel
    communication overlaps with compute on one CUDA work queue) is silenced: there is no queue.
-8. The RNG tracker's ``fork`` warns when the CPU generator moved inside it, which on a GPU
+7. The RNG tracker's ``fork`` warns when the CPU generator moved inside it, which on a GPU
    means a CPU draw leaked into the model-parallel stream; here the "CUDA" generator *is*
    the CPU one, so every dropout draw under ``fork`` would warn. That one warning is
    filtered from megatron's ``tensor_parallel.random`` logger.
@@ -142,18 +141,6 @@ class _WithoutForkWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
-def _clip_grad_by_total_norm_cpu(parameters, max_norm: float, total_norm: float,
-                                 use_decoupled_grad: bool = False) -> None:
-    """CPU twin of megatron-core's ``clip_grad_by_total_norm_fp32`` (same scaling rule)."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0 and grads:
-        torch._foreach_mul_(grads, clip_coeff)
-
-
 def enable_cpu_compat() -> bool:
     """Apply the CPU patches listed in the module docstring. Returns True if applied.
 
@@ -182,11 +169,11 @@ def enable_cpu_compat() -> bool:
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
-    # 3. Literal device="cuda" tensors (and 4., CUDA type names, in the optimizers' constructors).
+    # 3. Literal device="cuda" tensors (and 4., CUDA type names, in clipping and the optimizers' constructors).
     causal_mask = _cuda_literals_on_cpu(transformer_utils.get_default_causal_mask)
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
-    for name in ("get_grad_norm_fp32", "count_zeros_fp32"):
+    for name in ("get_grad_norm_fp32", "count_zeros_fp32", "clip_grad_by_total_norm_fp32"):
         patched = _cuda_literals_on_cpu(getattr(clip_grads, name))
         setattr(clip_grads, name, patched)
         setattr(mcore_optimizer, name, patched)
@@ -195,17 +182,14 @@ def enable_cpu_compat() -> bool:
                 mcore_optimizer.Float16OptimizerWithFloat16Params, DistributedOptimizer):
         cls.__init__ = _cuda_literals_on_cpu(cls.__init__)
 
-    # 5. The CUDA-typed grad assertion in clipping.
-    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
-
-    # 6. Nothing to wait for on the CPU.
+    # 5. Nothing to wait for on the CPU.
     torch.cuda.synchronize = lambda device=None: None
 
-    # 7. Advice about CUDA work queues.
+    # 6. Advice about CUDA work queues.
     warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended to set the "
                             "environment variable CUDA_DEVICE_MAX_CONNECTIONS",
                             module=r"megatron\.core\.tensor_parallel\.layers")
-    # 8. On CPU the "CUDA" RNG is the CPU generator: draws under the tracker's fork are expected.
+    # 7. On CPU the "CUDA" RNG is the CPU generator: draws under the tracker's fork are expected.
     logging.getLogger(mcore_random.__name__).addFilter(_WithoutForkWarning())
 
     _cpu_compat_enabled = True
