@@ -38,13 +38,6 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    the CPU one, so every dropout draw under ``fork`` would warn. That one warning is
    filtered from megatron's ``tensor_parallel.random`` logger.
 
-8. Every gloo process group gets its own transport device, whose event-loop thread wakes
-   every 10 ms even when the group is idle. megatron-core builds about twenty groups, all on
-   gloo here, so a 2-core machine spent about 3% of a training step serving those wake-ups
-   (in-process comparison, BENCHMARKS.md). ``initialize()`` therefore creates the groups,
-   the default one included, on one shared device per process (``_gloo_groups_share_a_device``):
-   one loop thread, the same interfaces (``GLOO_SOCKET_IFNAME``) and worker threads per group.
-
 One more CUDA assumption is configuration, not a patch, and lives where the config is
 built (``megatron_mile.model``): ``batch_p2p_sync`` (a ``torch.cuda.synchronize()``
 around p2p) is turned off. With these in place the GPU recipe itself (bf16 with fp32 main
@@ -54,8 +47,6 @@ parallelism) runs on gloo; only Transformer Engine and the fused kernels stay CU
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import functools
 import hashlib
 import logging
@@ -70,7 +61,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed import ProcessGroupGloo, distributed_c10d
 from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
@@ -207,37 +197,6 @@ def enable_cpu_compat() -> bool:
     return True
 
 
-class _GlooOnSharedDevice(ProcessGroupGloo):
-    """A gloo backend built the way torch builds one for ``new_group`` (devices from
-    ``GLOO_SOCKET_IFNAME`` or the default one, two worker threads per device), except that
-    the devices are created once per process and shared by every group."""
-
-    devices: list[ProcessGroupGloo.Device] | None = None
-
-    def __init__(self, store: dist.Store, rank: int, size: int,
-                 timeout: datetime.timedelta = datetime.timedelta(minutes=30)):
-        if _GlooOnSharedDevice.devices is None:
-            interfaces = [name for name in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if name]
-            _GlooOnSharedDevice.devices = ([ProcessGroupGloo.create_device(interface=name) for name in interfaces]
-                                           or [ProcessGroupGloo.create_default_device()])
-        options = ProcessGroupGloo._Options()
-        options._devices = _GlooOnSharedDevice.devices
-        options._threads = 2 * len(_GlooOnSharedDevice.devices)
-        options._timeout = timeout
-        super().__init__(store, rank, size, options)
-
-
-@contextlib.contextmanager
-def _gloo_groups_share_a_device():
-    """Within the block, gloo process groups are built on the process's shared device (item 8)."""
-    saved = distributed_c10d.ProcessGroupGloo
-    distributed_c10d.ProcessGroupGloo = _GlooOnSharedDevice
-    try:
-        yield
-    finally:
-        distributed_c10d.ProcessGroupGloo = saved
-
-
 # --------------------------------------------------------------------------- start-up
 
 
@@ -298,20 +257,19 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     """Start distributed, build megatron-core's parallel groups and seed the RNGs."""
     from megatron.core import parallel_state
 
-    with _gloo_groups_share_a_device() if not has_cuda() else contextlib.nullcontext():
-        _init_process_group(timeout_minutes)
-        enable_cpu_compat()
-        world_size = dist.get_world_size()
-        model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
-        if world_size % model_parallel:
-            raise ValueError(f"world size {world_size} is not divisible by "
-                             f"tensor-model-parallel-size × pipeline-model-parallel-size = {model_parallel}")
-        if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=tensor_model_parallel_size,
-                pipeline_model_parallel_size=pipeline_model_parallel_size,
-                virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-            )
+    _init_process_group(timeout_minutes)
+    enable_cpu_compat()
+    world_size = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(f"world size {world_size} is not divisible by "
+                         f"tensor-model-parallel-size × pipeline-model-parallel-size = {model_parallel}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        )
     seed_everything(seed)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return Runtime(

@@ -26,12 +26,9 @@ def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, 
                 distributed_optimizer: bool = True):
     """Forward+backward of 2 micro-batches through the schedules; returns the losses and
     the grad of the final norm (or, with `step`, the parameters after one clipped step)."""
-    import os
-
     import torch
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from torch.distributed import distributed_c10d
 
     from megatron_mile import model as mm
     from megatron_mile import optim, runtime
@@ -66,10 +63,7 @@ def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, 
     out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=model,
                                       num_microbatches=num_microbatches, seq_length=SEQ, micro_batch_size=MBS)
     losses = [float(o["loss"]) for o in out]
-    result = {"losses": losses, "last_stage": parallel_state.is_pipeline_last_stage(), "tp_rank": rt.rank % tp,
-              "groups": len(distributed_c10d._world.pg_map),
-              "gloo_loop_threads": [open(f"/proc/self/task/{t}/comm").read().strip()
-                                    for t in os.listdir("/proc/self/task")].count("gloo_tcp_loop")}
+    result = {"losses": losses, "last_stage": parallel_state.is_pipeline_last_stage(), "tp_rank": rt.rank % tp}
     if step:
         if world == 1:  # the norm from its definition, over every gradient the optimizer sees
             grads = [p.main_grad.double() for m in model for p in m.module.parameters()]
@@ -99,10 +93,6 @@ def test_model_parallel_forward_backward_matches_single_rank(reference, tp, pp):
         np.testing.assert_allclose(r["losses"], reference["losses"], rtol=1e-5)
         np.testing.assert_allclose(r["final_norm_grad"], reference["final_norm_grad"], rtol=1e-4, atol=1e-7)
     assert reference["losses"][0] > 0
-    # megatron-core's twenty-odd gloo groups share one transport device, so one event-loop thread, plus
-    # the one of the default group that run_ranks created on its own before the runtime started.
-    for r in results:
-        assert r["groups"] > 15 and r["gloo_loop_threads"] == 2
 
 
 @pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distributed", "regular"])
@@ -165,4 +155,3 @@ def test_presets_have_the_papers_sizes(preset, expected):
     # The paper's LLaMA vocabulary; 1% covers its rounding of the names.
     assert mm.count_parameters(mm.PRESETS[preset], 32000) == pytest.approx(expected, rel=0.01)
     assert mm.padded_vocab_size(32000, 4) % 512 == 0 and mm.padded_vocab_size(32000, 1) == 32000
-
