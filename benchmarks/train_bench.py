@@ -21,7 +21,9 @@ the original MiLe computation on its logits), at every ``--seq-lengths``. Withou
 ``--preset`` the shape is hidden 256, 4 layers, 4 heads, FFN 704, vocabulary 4096 (the demo
 tokenizer's), micro-batch 4; a preset brings its own shape. The cases alternate
 (HF, megatron-mile, HF, megatron-mile, ...) and every row is a median over ``--rounds``,
-with megatron-mile's tokens/s as a ratio to Hugging Face's for the same loss and length.
+with megatron-mile's tokens/s as a ratio to Hugging Face's for the same loss and length, and
+the range of the per-round ratios (each megatron-mile run against the Hugging Face run just
+before it), which shows how far the machine's noise alone moves one comparison.
 On a GPU both sides also report model TFLOP/s and MFU by ``megatron_mile.metrics``; the
 megatron-mile side then runs megatron-core's local spec with SDPA attention unless
 Transformer Engine is installed.
@@ -183,6 +185,12 @@ def _tps(results: list[dict[str, float]]) -> float:
     return statistics.median(r["tokens_per_sec"] for r in results)
 
 
+def per_round_ratios(baseline: list[dict[str, float]], runs: list[dict[str, float]]) -> str:
+    """``min-max (median m)`` of ``runs[i] / baseline[i]`` tokens/s, round by round."""
+    ratios = [run["tokens_per_sec"] / base["tokens_per_sec"] for base, run in zip(baseline, runs, strict=True)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f} (median {statistics.median(ratios):.2f})"
+
+
 def mile_vs_ce(args: argparse.Namespace, blend: str, tokenizer: str) -> None:
     runs: dict[str, list[dict[str, float]]] = {"ce": [], "mile": []}
     for round_index in range(args.rounds):
@@ -222,12 +230,13 @@ def against_hf(args: argparse.Namespace, blend: str, tokenizer: str) -> None:
           f"FFN {shape['ffn-hidden-size']}, vocabulary {vocab_size}, micro-batch {args.micro_batch_size} (megatron-mile "
           f"global batch {args.global_batch_size}), {args.rounds} rounds{', bf16' if args.bf16 else ''}; "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    print("| seq | loss | HF tokens/s | megatron-mile tokens/s | megatron-mile / HF | HF MFU | megatron-mile MFU |")
-    print("|---|---|---|---|---|---|---|")
+    print("| seq | loss | HF tokens/s | megatron-mile tokens/s | megatron-mile / HF | per round | HF MFU "
+          "| megatron-mile MFU |")
+    print("|---|---|---|---|---|---|---|---|")
     for seq, loss in cases:
         hf, mm = runs[(seq, loss, "hf")], runs[(seq, loss, "megatron-mile")]
-        print(f"| {seq} | {loss} | {_tps(hf):,.0f} | {_tps(mm):,.0f} | {_tps(mm) / _tps(hf):.2f}x | {_mfu(hf)} "
-              f"| {_mfu(mm)} |")
+        print(f"| {seq} | {loss} | {_tps(hf):,.0f} | {_tps(mm):,.0f} | {_tps(mm) / _tps(hf):.2f}x "
+              f"| {per_round_ratios(hf, mm)} | {_mfu(hf)} | {_mfu(mm)} |")
 
 
 def main() -> None:

@@ -74,6 +74,15 @@ def test_train_bench_timeout_kills_the_whole_process_group(tmp_path):
     assert _gone(grandchild)
 
 
+def test_train_bench_per_round_ratios_pair_each_run_with_its_baseline():
+    bench = _train_bench()
+    hf = [{"tokens_per_sec": t} for t in (4000.0, 3000.0, 5000.0)]
+    runs = [{"tokens_per_sec": t} for t in (3600.0, 3300.0, 5000.0)]  # 0.9, 1.1 and 1.0 of the round's baseline
+    assert bench.per_round_ratios(hf, runs) == "0.90-1.10 (median 1.00)"
+    with pytest.raises(ValueError):
+        bench.per_round_ratios(hf, runs[:2])
+
+
 def test_train_bench_keeps_a_failing_runs_whole_output():
     bench = _train_bench()
     script = "import sys; print('first line'); print('x' * 10000); sys.exit(3)"
