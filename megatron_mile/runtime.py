@@ -19,12 +19,12 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    run under a torch-function mode that rewrites CUDA devices to ``cpu`` in every torch
    call: ``transformer.utils.get_default_causal_mask``, the grad-norm and clipping helpers
    (``get_grad_norm_fp32``, ``count_zeros_fp32``, ``clip_grad_by_total_norm_fp32``) and the
-   optimizers' constructors (loss-scale and found-inf scalars). The three pipeline schedules make one (the token
-   counter, ``torch.zeros(..., device="cuda")``), but they also run the whole forward and
-   backward, where that mode would put a Python call in front of every torch operation;
-   instead the schedules module gets its own ``torch``, whose tensor factories create a
-   tensor asked for on a CUDA device on the CPU and which is torch itself for everything
-   else.
+   optimizers' constructors (loss-scale and found-inf scalars). The three pipeline schedules
+   make one (the token counter, ``torch.zeros(..., device="cuda")``), but they also run the
+   whole forward and backward, where that mode would put a Python call in front of every
+   torch operation; instead the schedules module gets its own ``torch``, whose tensor
+   factories create a tensor asked for on a CUDA device on the CPU and which is torch itself
+   for everything else.
 4. The bf16 and distributed optimizers' constructors sort parameters by their CUDA type
    names (``"torch.cuda.FloatTensor"``, ...) and reject anything else, and
    ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads; under the same
@@ -169,7 +169,7 @@ def enable_cpu_compat() -> bool:
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
-    # 3. Literal device="cuda" tensors (and 4., CUDA type names, in clipping and the optimizers' constructors).
+    # 3. Literal device="cuda" tensors (and 4., CUDA type names: clipping, the optimizers' constructors).
     causal_mask = _cuda_literals_on_cpu(transformer_utils.get_default_causal_mask)
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
