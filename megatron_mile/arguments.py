@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-activations", action="store_true",
                    help="recompute every transformer layer in the backward pass instead of storing its activations")
     g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
-                   help="run SwiGLU as separate kernels (by default, on a GPU, megatron-core's version fused "
-                   "with torch.compile, when it compiles there)")
+                   help="run SwiGLU as separate kernels (megatron_mile/swiglu.py; by default, on a GPU, "
+                   "megatron-core's version fused with torch.compile, when it compiles there)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10,
                    help="how long a collective may wait before the run fails")
 

@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_mile.attention import SDPAttention
+from megatron_mile.swiglu import SwiGLU
 
 INIT_STD = 0.01
 NORM_EPSILON = 1e-5
@@ -131,7 +132,8 @@ def optional_kernels(config: TransformerConfig) -> dict[str, str]:
         "attention": "Transformer Engine DotProductAttention" if te else "torch scaled_dot_product_attention",
         # Without TE the softmax runs inside SDPA's kernel; TE's own attention fuses it too.
         "softmax": "fused into the attention kernel",
-        "SwiGLU": "fused (torch.compile)" if config.bias_activation_fusion else "unfused",
+        "SwiGLU": ("fused (torch.compile)" if config.bias_activation_fusion
+                   else "megatron-mile's, one-copy backward" if config.use_te_activation_func else "unfused"),
     }
 
 
@@ -143,6 +145,7 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
     init = torch.nn.init.normal_
+    fused_swiglu = bias_swiglu_fusion and on_gpu and fused_swiglu_compiles(torch.device("cuda"), dtype)
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -173,7 +176,10 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         autocast_dtype=dtype,
         # Fused kernels exist only on CUDA; the softmax one is a compiled extension (apex or
         # Megatron-LM's kernels) that megatron-core imports only when a bf16 shape qualifies.
-        bias_activation_fusion=bias_swiglu_fusion and on_gpu and fused_swiglu_compiles(torch.device("cuda"), dtype),
+        bias_activation_fusion=fused_swiglu,
+        # megatron-core's hook for an activation module on the whole FC1 output: ``block_spec``
+        # puts the SwiGLU with a copy-free backward there when the fused one is off.
+        use_te_activation_func=not fused_swiglu and not transformer_engine_available(),
         masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
@@ -213,8 +219,11 @@ def block_spec(config: TransformerConfig, vp_stage: int | None, core_attention: 
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
     attention = layer.submodules.self_attention
     attention = replace(attention, submodules=replace(attention.submodules, core_attention=core_attention))
+    mlp = layer.submodules.mlp
+    if config.use_te_activation_func:
+        mlp = replace(mlp, submodules=replace(mlp.submodules, activation_func=SwiGLU))
     layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=LocalRMSNorm,
-                                              self_attention=attention, pre_mlp_layernorm=LocalRMSNorm))
+                                              self_attention=attention, pre_mlp_layernorm=LocalRMSNorm, mlp=mlp))
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=LocalRMSNorm)
 

@@ -265,3 +265,5 @@ def test_no_bias_swiglu_fusion_turns_the_gpu_fusion_off(monkeypatch):
         args = parse_args(["--train-iters", "1", "--data-path", "d", "--tokenizer-model", "t", *flags])
         config = mm.build_transformer_config(mm.PRESETS["tiny"], bias_swiglu_fusion=args.bias_swiglu_fusion)
         assert config.bias_activation_fusion is fused
+        # Unfused, megatron-mile's SwiGLU module takes the whole FC1 output (megatron_mile/swiglu.py).
+        assert config.use_te_activation_func is not fused
