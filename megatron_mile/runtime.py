@@ -37,6 +37,14 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    means a CPU draw leaked into the model-parallel stream; here the "CUDA" generator *is*
    the CPU one, so every dropout draw under ``fork`` would warn. That one warning is
    filtered from megatron's ``tensor_parallel.random`` logger.
+8. Every gloo process group gets its own transport device, whose event-loop thread wakes
+   every 10 ms even when the group is idle. megatron-core builds about twenty groups; at a
+   world of one all of them, and at larger worlds many (pipeline, context, expert groups of
+   size one), have a single member and never send anything, yet their loop threads woke a
+   one-rank trainer about 2,000 times a second and preempted its compute threads. Gloo groups
+   of one member therefore share one loopback device per process (``_SingleRankGlooGroup``);
+   a group with peers keeps a device of its own, as torch builds it, so that no group's
+   traffic waits behind another's.
 
 One more CUDA assumption is configuration, not a patch, and lives where the config is
 built (``megatron_mile.model``): ``batch_p2p_sync`` (a ``torch.cuda.synchronize()``
@@ -47,6 +55,7 @@ parallelism) runs on gloo; only Transformer Engine and the fused kernels stay CU
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import logging
@@ -61,6 +70,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroupGloo, distributed_c10d
 from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
@@ -141,6 +151,24 @@ class _WithoutForkWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+class _SingleRankGlooGroup(ProcessGroupGloo):
+    """torch's gloo backend, except that groups of one member share one loopback device (item 8)."""
+
+    shared_device: ProcessGroupGloo.Device | None = None
+
+    def __init__(self, store: dist.Store, rank: int, size: int, timeout: datetime.timedelta):
+        if size > 1:
+            super().__init__(store, rank, size, timeout=timeout)
+            return
+        if _SingleRankGlooGroup.shared_device is None:
+            _SingleRankGlooGroup.shared_device = ProcessGroupGloo.create_device(hostname="127.0.0.1")
+        options = ProcessGroupGloo._Options()
+        options._devices = [_SingleRankGlooGroup.shared_device]
+        options._threads = 1
+        options._timeout = timeout
+        super().__init__(store, rank, size, options)
+
+
 def enable_cpu_compat() -> bool:
     """Apply the CPU patches listed in the module docstring. Returns True if applied.
 
@@ -191,6 +219,8 @@ def enable_cpu_compat() -> bool:
                             module=r"megatron\.core\.tensor_parallel\.layers")
     # 7. On CPU the "CUDA" RNG is the CPU generator: draws under the tracker's fork are expected.
     logging.getLogger(mcore_random.__name__).addFilter(_WithoutForkWarning())
+    # 8. Gloo groups without peers share one idle event loop.
+    distributed_c10d.ProcessGroupGloo = _SingleRankGlooGroup
 
     _cpu_compat_enabled = True
     log.info("megatron-core CPU compatibility layer enabled (no CUDA on this machine)")
@@ -228,8 +258,6 @@ def _init_process_group(timeout_minutes: int) -> None:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
             break
-    import datetime
-
     backend = "nccl" if has_cuda() else "gloo"
     kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_minutes)}
     if has_cuda():
@@ -257,8 +285,8 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     """Start distributed, build megatron-core's parallel groups and seed the RNGs."""
     from megatron.core import parallel_state
 
+    enable_cpu_compat()  # before the default group, which item 8 concerns too
     _init_process_group(timeout_minutes)
-    enable_cpu_compat()
     world_size = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if world_size % model_parallel:

@@ -25,10 +25,15 @@ def _batch(index: int):
 def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, step: bool,
                 distributed_optimizer: bool = True):
     """Forward+backward of 2 micro-batches through the schedules; returns the losses and
-    the grad of the final norm (or, with `step`, the parameters after one clipped step)."""
+    the grad of the final norm (or, with `step`, the parameters after one clipped step),
+    and the sizes of megatron-core's groups with the rank's count of gloo event-loop threads."""
+    import os
+
     import torch
+    import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from torch.distributed import distributed_c10d
 
     from megatron_mile import model as mm
     from megatron_mile import optim, runtime
@@ -63,7 +68,10 @@ def _run_layout(rank: int, world: int, tp: int, pp: int, num_microbatches: int, 
     out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=model,
                                       num_microbatches=num_microbatches, seq_length=SEQ, micro_batch_size=MBS)
     losses = [float(o["loss"]) for o in out]
-    result = {"losses": losses, "last_stage": parallel_state.is_pipeline_last_stage(), "tp_rank": rt.rank % tp}
+    result = {"losses": losses, "last_stage": parallel_state.is_pipeline_last_stage(), "tp_rank": rt.rank % tp,
+              "group_sizes": [g.size() for g in distributed_c10d._world.pg_map if g is not dist.group.WORLD],
+              "gloo_loop_threads": [open(f"/proc/self/task/{t}/comm").read().strip()
+                                    for t in os.listdir("/proc/self/task")].count("gloo_tcp_loop")}
     if step:
         if world == 1:  # the norm from its definition, over every gradient the optimizer sees
             grads = [p.main_grad.double() for m in model for p in m.module.parameters()]
@@ -93,6 +101,16 @@ def test_model_parallel_forward_backward_matches_single_rank(reference, tp, pp):
         np.testing.assert_allclose(r["losses"], reference["losses"], rtol=1e-5)
         np.testing.assert_allclose(r["final_norm_grad"], reference["final_norm_grad"], rtol=1e-4, atol=1e-7)
     assert reference["losses"][0] > 0
+    for r in [reference, *results]:
+        _check_gloo_loop_threads(r)
+
+
+def _check_gloo_loop_threads(result: dict) -> None:
+    """Runtime item 8: megatron-core's single-member groups share one event-loop thread; a group
+    with peers has its own. run_ranks built the default group, with its own thread, beforehand."""
+    sizes = result["group_sizes"]
+    assert len(sizes) > 15 and 1 in sizes
+    assert result["gloo_loop_threads"] == 1 + sum(size > 1 for size in sizes) + 1
 
 
 @pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distributed", "regular"])
