@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -52,11 +53,12 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return _SwiGLUFunction.apply(x)
 
 
-class SwiGLU(torch.nn.Module):
-    """``swiglu`` as megatron-core's MLP activation module (``MLPSubmodules.activation_func``)."""
+class SwiGLU(MegatronModule):
+    """``swiglu`` as megatron-core's MLP activation module (``MLPSubmodules.activation_func``); a
+    ``MegatronModule``, so that the MLP's distributed-checkpoint state dict (empty here) walks it."""
 
     def __init__(self, config: TransformerConfig):
-        super().__init__()
+        super().__init__(config=config)
         if not config.gated_linear_unit or config.activation_func is not F.silu:
             raise ValueError("SwiGLU needs gated_linear_unit=True and activation_func=F.silu")
         if config.activation_func_clamp_value is not None or config.glu_linear_offset != 0.0:
