@@ -178,7 +178,8 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         # Megatron-LM's kernels) that megatron-core imports only when a bf16 shape qualifies.
         bias_activation_fusion=fused_swiglu,
         # megatron-core's hook for an activation module on the whole FC1 output: ``block_spec``
-        # puts the SwiGLU with a copy-free backward there when the fused one is off.
+        # puts megatron-mile's SwiGLU (one-copy backward, megatron_mile/swiglu.py) there when
+        # the fused one is off.
         use_te_activation_func=not fused_swiglu and not transformer_engine_available(),
         masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
         apply_rope_fusion=False,
