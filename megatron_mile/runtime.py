@@ -42,9 +42,9 @@ patched at import time, and with CUDA present ``enable_cpu_compat()`` does nothi
    world of one all of them, and at larger worlds many (pipeline, context, expert groups of
    size one), have a single member and never send anything, yet their loop threads woke a
    one-rank trainer about 2,000 times a second and preempted its compute threads. Gloo groups
-   of one member therefore share one loopback device per process (``_SingleRankGlooGroup``);
-   a group with peers keeps a device of its own, as torch builds it, so that no group's
-   traffic waits behind another's.
+   of one member therefore share one loopback device per process
+   (``_GlooSharingSingleRankDevice``); a group with peers keeps a device of its own, as torch
+   builds it, so that no group's traffic waits behind another's.
 
 One more CUDA assumption is configuration, not a patch, and lives where the config is
 built (``megatron_mile.model``): ``batch_p2p_sync`` (a ``torch.cuda.synchronize()``
@@ -151,7 +151,7 @@ class _WithoutForkWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
-class _SingleRankGlooGroup(ProcessGroupGloo):
+class _GlooSharingSingleRankDevice(ProcessGroupGloo):
     """torch's gloo backend, except that groups of one member share one loopback device (item 8)."""
 
     shared_device: ProcessGroupGloo.Device | None = None
@@ -160,10 +160,10 @@ class _SingleRankGlooGroup(ProcessGroupGloo):
         if size > 1:
             super().__init__(store, rank, size, timeout=timeout)
             return
-        if _SingleRankGlooGroup.shared_device is None:
-            _SingleRankGlooGroup.shared_device = ProcessGroupGloo.create_device(hostname="127.0.0.1")
+        if _GlooSharingSingleRankDevice.shared_device is None:
+            _GlooSharingSingleRankDevice.shared_device = ProcessGroupGloo.create_device(hostname="127.0.0.1")
         options = ProcessGroupGloo._Options()
-        options._devices = [_SingleRankGlooGroup.shared_device]
+        options._devices = [_GlooSharingSingleRankDevice.shared_device]
         options._threads = 1
         options._timeout = timeout
         super().__init__(store, rank, size, options)
@@ -220,7 +220,7 @@ def enable_cpu_compat() -> bool:
     # 7. On CPU the "CUDA" RNG is the CPU generator: draws under the tracker's fork are expected.
     logging.getLogger(mcore_random.__name__).addFilter(_WithoutForkWarning())
     # 8. Gloo groups without peers share one idle event loop.
-    distributed_c10d.ProcessGroupGloo = _SingleRankGlooGroup
+    distributed_c10d.ProcessGroupGloo = _GlooSharingSingleRankDevice
 
     _cpu_compat_enabled = True
     log.info("megatron-core CPU compatibility layer enabled (no CUDA on this machine)")
