@@ -4,6 +4,7 @@
     python benchmarks/step_profile.py --profile 3                      # + torch profiler table
     python benchmarks/step_profile.py --baseline-flags=--use-distributed-optimizer
     python benchmarks/step_profile.py --baseline-dot-product-attention --baseline-schedule-in-torch-function-mode
+    python benchmarks/step_profile.py --baseline-megatron-core-glu -- --loss ce    # megatron_mile/swiglu.py's gain
     python benchmarks/step_profile.py --baseline-hf -- --loss ce --seq-length 1024   # trainer flags after --
 
 The model is the Hugging Face comparison's shape (``train_bench.py --against-hf``: hidden
@@ -13,7 +14,7 @@ process CPU time; on a shared machine the CPU time with ``--threads 1`` is the s
 
 A baseline arm is a second trainer in the same process, built with any of: extra trainer
 flags (``--baseline-flags``), megatron-core's ``DotProductAttention`` as the core attention,
-and the pipeline schedule run under the CPU layer's torch-function mode (which that layer
+megatron-core's unfused GLU instead of megatron-mile's SwiGLU, and the pipeline schedule run under the CPU layer's torch-function mode (which that layer
 keeps for a few small helpers); or, with ``--baseline-hf``, Hugging Face's LlamaForCausalLM
 at the same shape, loss and micro-batch (``hf_llama_train.py``). The two arms alternate in
 blocks of steps, and the report is each arm's median step time and their ratio: on a busy
@@ -30,6 +31,7 @@ table by self device time before the one by self CPU time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import statistics
@@ -43,20 +45,23 @@ sys.path.insert(0, REPO)
 from benchmarks.train_bench import HF_SHAPE_FLAGS, prepare_demo  # noqa: E402
 
 
-def _trainer(flags: list[str], dot_product_attention: bool = False):
+def _trainer(flags: list[str], dot_product_attention: bool = False, megatron_core_glu: bool = False):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megatron_mile import model
+    from megatron_mile import model, training
     from megatron_mile.arguments import parse_args
     from megatron_mile.training import Trainer
 
-    block_spec = model.block_spec
+    block_spec, build_config = model.block_spec, training.build_transformer_config
     if dot_product_attention:
         model.block_spec = functools.partial(block_spec, core_attention=DotProductAttention)
+    if megatron_core_glu:  # without the activation-module hook, block_spec keeps megatron-core's GLU
+        training.build_transformer_config = lambda *a, **k: dataclasses.replace(
+            build_config(*a, **k), use_te_activation_func=False)
     try:
         return Trainer(parse_args(flags))
     finally:
-        model.block_spec = block_spec
+        model.block_spec, training.build_transformer_config = block_spec, build_config
 
 
 def _schedule_in_torch_function_mode() -> Callable[[], None]:
@@ -124,6 +129,8 @@ def main() -> None:
     p.add_argument("--baseline-flags", type=str.split, default=[], help="baseline: these extra trainer flags")
     p.add_argument("--baseline-dot-product-attention", action="store_true",
                    help="baseline: megatron-core's DotProductAttention as the core attention")
+    p.add_argument("--baseline-megatron-core-glu", action="store_true",
+                   help="baseline: megatron-core's unfused GLU instead of megatron_mile/swiglu.py")
     p.add_argument("--baseline-schedule-in-torch-function-mode", action="store_true")
     p.add_argument("--baseline-hf", action="store_true",
                    help="baseline: Hugging Face's LlamaForCausalLM (benchmarks/hf_llama_train.py) instead")
@@ -139,12 +146,14 @@ def main() -> None:
     trainer = _trainer(base_flags)
     arms: dict[str, tuple[Callable[[], object], Callable | None]] = {"this": (trainer.train_step, None)}
     baseline = [*args.baseline_flags, *(["DotProductAttention"] if args.baseline_dot_product_attention else []),
+                *(["megatron-core's GLU"] if args.baseline_megatron_core_glu else []),
                 *(["schedule in torch-function mode"] if args.baseline_schedule_in_torch_function_mode else [])]
     if args.baseline_hf:
         baseline = ["Hugging Face LlamaForCausalLM, SDPA, AdamW"]
         arms["baseline"] = (_hf_step(trainer), None)
     elif baseline:
-        arms["baseline"] = (_trainer(base_flags + args.baseline_flags, args.baseline_dot_product_attention).train_step,
+        arms["baseline"] = (_trainer(base_flags + args.baseline_flags, args.baseline_dot_product_attention,
+                                     args.baseline_megatron_core_glu).train_step,
                             _schedule_in_torch_function_mode if args.baseline_schedule_in_torch_function_mode
                             else None)
 

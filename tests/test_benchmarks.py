@@ -132,3 +132,21 @@ def test_step_profile_times_and_profiles_the_trainer_against_hugging_face(demo, 
     assert ratio == pytest.approx(float(medians["this"]) / float(medians["baseline"]), rel=0.02)  # medians rounded
     assert "### this: 1 steps" in proc.stdout and "### baseline: 1 steps" in proc.stdout
     assert proc.stdout.count("by self CPU time:") == 2 and "aten::mm" in proc.stdout
+
+
+def test_step_profile_baseline_runs_megatron_cores_glu(demo, tmp_path):
+    from training_utils import demo_data_dir
+
+    data = demo_data_dir(demo, tmp_path / "demo")
+    shape = ["--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "176",
+             "--seq-length", "32"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "step_profile.py"),
+                           "--baseline-megatron-core-glu", "--steps", "1", "--block", "1", "--warmup", "1",
+                           "--profile", "1", "--rows", "1000", "--data-dir", data, "--", *shape],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline (megatron-core's GLU)" in proc.stdout
+    this, baseline = proc.stdout.split("### this: 1 steps")[1].split("### baseline: 1 steps")
+    # megatron-mile's autograd function in one arm only; megatron-core's chunk -> silu -> mul in the other.
+    assert "_SwiGLUFunction" in this and "_SwiGLUFunction" not in baseline
+    assert "SiluBackward0" in baseline and "SiluBackward0" not in this
