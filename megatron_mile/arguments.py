@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
                    help="run SwiGLU as separate kernels (megatron_mile/swiglu.py; by default, on a GPU, "
                    "megatron-core's version fused with torch.compile, when it compiles there)")
+    g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
+                   help="apply RoPE with megatron-core's unfused operations instead of megatron_mile/rope.py's "
+                   "in-place version (used without Transformer Engine)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10,
                    help="how long a collective may wait before the run fails")
 

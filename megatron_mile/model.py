@@ -30,6 +30,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_mile import rope
 from megatron_mile.attention import SDPAttention
 from megatron_mile.swiglu import SwiGLU
 
@@ -134,18 +135,24 @@ def optional_kernels(config: TransformerConfig) -> dict[str, str]:
         "softmax": "fused into the attention kernel",
         "SwiGLU": ("fused (torch.compile)" if config.bias_activation_fusion
                    else "megatron-mile's, one-copy backward" if config.use_te_activation_func else "unfused"),
+        "RoPE": "megatron-mile's, in place" if config.apply_rope_fusion and not te else "megatron-core's unfused",
     }
 
 
 def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp: int | None = None,
                              sequence_parallel: bool = False, bf16: bool = False,
                              recompute_activations: bool = False, bias_swiglu_fusion: bool = True,
-                             ) -> TransformerConfig:
+                             rope_fusion: bool = True) -> TransformerConfig:
     """megatron-core's config for ``shape``; the RoPE base goes to the model (``build_model_chunks``)."""
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
     init = torch.nn.init.normal_
     fused_swiglu = bias_swiglu_fusion and on_gpu and fused_swiglu_compiles(torch.device("cuda"), dtype)
+    # Transformer Engine's layers keep megatron-core's RoPE; without TE, megatron_mile/rope.py's
+    # fills megatron-core's fused-RoPE slot (which the config's validation checks).
+    local_rope_fusion = rope_fusion and not transformer_engine_available()
+    if local_rope_fusion:
+        rope.fill_megatron_core_rope_slot()
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -182,7 +189,7 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         # the fused one is off.
         use_te_activation_func=not fused_swiglu and not transformer_engine_available(),
         masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
-        apply_rope_fusion=False,
+        apply_rope_fusion=local_rope_fusion,
         gradient_accumulation_fusion=False,
         persist_layer_norm=on_gpu,
         # `batch_p2p_sync` wraps p2p in torch.cuda.synchronize(); gloo has nothing to sync.

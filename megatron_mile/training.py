@@ -106,7 +106,7 @@ class Trainer:
         self.config = build_transformer_config(
             self.shape, tp=self.rt.tp, pp=self.rt.pp, vp=self.rt.vp, sequence_parallel=args.sequence_parallel,
             bf16=args.bf16, recompute_activations=args.recompute_activations,
-            bias_swiglu_fusion=args.bias_swiglu_fusion)
+            bias_swiglu_fusion=args.bias_swiglu_fusion, rope_fusion=args.apply_rope_fusion)
         self.chunks = build_model_chunks(self.config, self.vocab_size, self.shape.seq_length, args.seed,
                                          self.rt.device, vocab_divisible_by=args.make_vocab_size_divisible_by,
                                          rotary_base=self.shape.rotary_base)

@@ -267,3 +267,20 @@ def test_no_bias_swiglu_fusion_turns_the_gpu_fusion_off(monkeypatch):
         assert config.bias_activation_fusion is fused
         # Unfused, megatron-mile's SwiGLU module takes the whole FC1 output (megatron_mile/swiglu.py).
         assert config.use_te_activation_func is not fused
+
+
+def test_no_rope_fusion_keeps_megatron_cores_unfused_rope():
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_mile import model as mm
+    from megatron_mile import rope
+    from megatron_mile.arguments import parse_args
+
+    for flags, fused in (([], True), (["--no-rope-fusion"], False)):
+        args = parse_args(["--train-iters", "1", "--data-path", "d", "--tokenizer-model", "t", *flags])
+        config = mm.build_transformer_config(mm.PRESETS["tiny"], rope_fusion=args.apply_rope_fusion)
+        assert config.apply_rope_fusion is fused
+        assert mm.optional_kernels(config)["RoPE"] == ("megatron-mile's, in place" if fused
+                                                      else "megatron-core's unfused")
+    # megatron-core's fused-RoPE dispatch reaches megatron_mile/rope.py (no Transformer Engine here).
+    assert rope_utils.fused_apply_rotary_pos_emb is rope.apply_rotary_pos_emb
