@@ -12,7 +12,8 @@
 #   kernel tests tests/test_loss.py's single-rank cases on CUDA (fp32 and bf16 logits against
 #                float64 references computed on the CPU, and a check that the loss never makes
 #                the host wait for the GPU) and tests/test_multi_tensor.py's grad-norm and scaling
-#                kernels (the same float64 and host-wait checks)
+#                kernels (the same float64 and host-wait checks), and megatron-mile's SwiGLU and
+#                RoPE against their float64 formulas
 #   loss bench   benchmarks/loss_bench.py on CUDA with fp32, then bf16 logits (8192 x 32000):
 #                time and peak memory of the CE, focal and MiLe losses as ratios to megatron-core's
 #                cross-entropy
@@ -79,7 +80,8 @@ add_step install 20 "$PYTHON" -m pip install -q --no-index --no-deps --no-compil
     --target "$WORK/site" "$WHEEL_DIR"/*.whl
 add_step environment 40 "$PYTHON" -c "$ENV_PROBE"
 add_step "kernel tests" 45 env MEGATRON_MILE_TEST_DEVICE=cuda "$PYTHON" -m pytest -q --tb=short -p no:cacheprovider \
-    tests/test_loss.py tests/test_multi_tensor.py -k "single_rank or extreme or gamma or host_sync or no_gradient or l2_norm or scale_"
+    tests/test_loss.py tests/test_multi_tensor.py tests/test_swiglu.py tests/test_rope.py \
+    -k "single_rank or extreme or gamma or host_sync or no_gradient or l2_norm or scale_ or float64_formula or float64_rotation"
 add_step "loss bench fp32" 30 "$PYTHON" benchmarks/loss_bench.py --device cuda --rows 8192 --dtype fp32
 add_step "loss bench bf16" 30 "$PYTHON" benchmarks/loss_bench.py --device cuda --rows 8192 --dtype bf16
 add_step training 135 "$PYTHON" benchmarks/train_bench.py --preset 468M --bf16 --seq-length 1024 \

@@ -5,6 +5,7 @@
     python benchmarks/step_profile.py --baseline-flags=--use-distributed-optimizer
     python benchmarks/step_profile.py --baseline-dot-product-attention --baseline-schedule-in-torch-function-mode
     python benchmarks/step_profile.py --baseline-megatron-core-glu -- --loss ce    # megatron_mile/swiglu.py's gain
+    python benchmarks/step_profile.py --baseline-flags=--no-rope-fusion -- --loss ce   # megatron_mile/rope.py's gain
     python benchmarks/step_profile.py --baseline-hf -- --loss ce --seq-length 1024   # trainer flags after --
 
 The model is the Hugging Face comparison's shape (``train_bench.py --against-hf``: hidden

@@ -84,10 +84,12 @@ def test_dry_run_plans_every_step_within_300_seconds(plan, parsed):
                          capture_output=True, text=True, timeout=300)
     collected = [line for line in run.stdout.splitlines() if "::" in line]
     for wanted in ("single_rank", "extreme", "gamma_zero", "no_host_sync", "guard_catches", "no_gradient",
-                   "test_l2_norm_matches", "test_scale_in_place"):
+                   "test_l2_norm_matches", "test_scale_in_place", "swiglu_matches_the_float64",
+                   "rope_matches_the_float64"):
         assert any(wanted in test for test in collected), (wanted, run.stdout[-2000:])
     # CPU only: multi-rank gloo, CPU memory, and an assertion that no Transformer Engine or Apex is installed.
-    assert not any(name in test for test in collected for name in ("tensor_parallel", "peak_extra", "installed_where"))
+    cpu_only = ("tensor_parallel", "peak_extra", "installed_where", "at_tp2")
+    assert not any(name in test for test in collected for name in cpu_only)
 
 
 def test_dry_run_training_step_parses(plan, parsed):

@@ -1,6 +1,11 @@
-"""megatron-mile's RoPE: the rotation in float64, and stock megatron-core's unfused RoPE in a GPTModel."""
+"""megatron-mile's RoPE: the rotation in float64, and stock megatron-core's unfused RoPE in a GPTModel.
+
+MEGATRON_MILE_TEST_DEVICE=cuda runs the float64 check's RoPE on a GPU (benchmarks/gpu_smoke.sh).
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -9,6 +14,8 @@ from dist_utils import run_ranks
 from test_attention import _loss_and_grads
 
 from megatron_mile.rope import apply_rotary_pos_emb
+
+DEVICE = torch.device(os.environ.get("MEGATRON_MILE_TEST_DEVICE", "cpu"))
 
 
 def _reference(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -21,7 +28,7 @@ def _reference(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 def test_rope_matches_the_float64_rotation_and_its_transpose():
     s, b, heads, d = 12, 3, 2, 16
     g = torch.Generator().manual_seed(0)
-    fused = torch.randn(s, b, heads, 3 * d, generator=g).requires_grad_()
+    fused = torch.randn(s, b, heads, 3 * d, generator=g).to(DEVICE).requires_grad_()
     positions = torch.arange(s, dtype=torch.float64)
     theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     angles = torch.outer(positions, theta)
@@ -33,16 +40,16 @@ def test_rope_matches_the_float64_rotation_and_its_transpose():
         freqs = freqs[:, None, None, :]
         fused.grad = None
         x = fused[..., d:2 * d]  # a query-like view into a fused QKV output: not contiguous
-        y = apply_rotary_pos_emb(x, freqs.float())
-        y.backward(upstream)
+        y = apply_rotary_pos_emb(x, freqs.float().to(DEVICE))
+        y.backward(upstream.to(DEVICE))
+        y, grad = y.detach().cpu().double(), fused.grad.cpu().double()
 
-        x64 = x.detach().double().requires_grad_()
+        x64 = x.detach().cpu().double().requires_grad_()
         expected = _reference(x64, freqs)
         expected.backward(upstream.double())
-        np.testing.assert_allclose(y.detach().double(), expected.detach(), rtol=1e-5, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(fused.grad[..., d:2 * d].double(), x64.grad, rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
-        assert not fused.grad[..., :d].any() and not fused.grad[..., 2 * d:].any()
+        np.testing.assert_allclose(y, expected.detach(), rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(grad[..., d:2 * d], x64.grad, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert not grad[..., :d].any() and not grad[..., 2 * d:].any()
 
 
 def _against_stock_rope(rank: int, world: int) -> dict:

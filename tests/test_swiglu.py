@@ -1,6 +1,11 @@
-"""megatron-mile's SwiGLU: the formula in float64, and stock megatron-core's MLP in a GPTModel."""
+"""megatron-mile's SwiGLU: the formula in float64, and stock megatron-core's MLP in a GPTModel.
+
+MEGATRON_MILE_TEST_DEVICE=cuda runs the float64 check's SwiGLU on a GPU (benchmarks/gpu_smoke.sh).
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -10,23 +15,26 @@ from test_attention import _loss_and_grads
 
 from megatron_mile.swiglu import swiglu
 
+DEVICE = torch.device(os.environ.get("MEGATRON_MILE_TEST_DEVICE", "cpu"))
+
 
 def test_swiglu_matches_the_float64_formula_and_its_derivative():
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(16, 3, 2 * 24, generator=g) * 3).requires_grad_()
+    x = (torch.randn(16, 3, 2 * 24, generator=g) * 3).to(DEVICE).requires_grad_()
     upstream = torch.randn(16, 3, 24, generator=g)
     y = swiglu(x)
-    y.backward(upstream)
+    y.backward(upstream.to(DEVICE))
+    y, x_grad = y.detach().cpu(), x.grad.cpu()
 
-    a, b = (t.double() for t in x.detach().chunk(2, dim=-1))
+    a, b = (t.double() for t in x.detach().cpu().chunk(2, dim=-1))
     grad = upstream.double()
     sig = 1 / (1 + torch.exp(-a))
     expected_y = a * sig * b
     expected_grad_a = grad * b * sig * (1 + a * (1 - sig))
     expected_grad_b = grad * a * sig
-    np.testing.assert_allclose(y.detach().double(), expected_y, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(x.grad[..., :24].double(), expected_grad_a, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(x.grad[..., 24:].double(), expected_grad_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y.double(), expected_y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x_grad[..., :24].double(), expected_grad_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x_grad[..., 24:].double(), expected_grad_b, rtol=1e-5, atol=1e-6)
 
 
 def _against_stock_mlp(rank: int, world: int) -> dict:
