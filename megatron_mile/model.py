@@ -149,7 +149,7 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
     init = torch.nn.init.normal_
     fused_swiglu = bias_swiglu_fusion and on_gpu and fused_swiglu_compiles(torch.device("cuda"), dtype)
     # Transformer Engine's layers keep megatron-core's RoPE; without TE, megatron_mile/rope.py's
-    # fills megatron-core's fused-RoPE slot (which the config's validation checks).
+    # version fills megatron-core's fused-RoPE slot, before the config's validation checks it.
     local_rope_fusion = rope_fusion and not transformer_engine_available()
     if local_rope_fusion:
         rope.fill_megatron_core_rope_slot()

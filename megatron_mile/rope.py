@@ -1,4 +1,4 @@
-"""Rotary position embedding in two passes per half, for megatron-core's fused-RoPE slot.
+"""Rotary position embedding written in place, for megatron-core's fused-RoPE slot.
 
 RoPE (non-interleaved, as in LLaMA) pairs dimension ``i`` of each head with ``i + d/2`` and
 rotates the pair by the angle ``theta_{p,i}`` of position ``p``. With ``x = [x1, x2]`` split at
