@@ -8,6 +8,8 @@ TP=2, with and without grouped-query attention.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 
@@ -45,6 +47,44 @@ def _loss_and_grads(config, core_attention, tokens, labels) -> tuple[float, dict
     loss = loss.mean()
     loss.backward()
     return float(loss), {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
+
+
+def default_against_stock(world: int, watched: str, check_default: Callable | None = None,
+                          **stock: object) -> dict:
+    """Inside a rank: loss and gradients of the tiny preset's default GPTModel (megatron-mile's
+    kernels) and of the same weights with ``stock`` config fields (megatron-core's own path).
+    ``check_default(config)`` asserts what the default config uses; ``watched`` names a parameter
+    whose gradient must be non-trivial."""
+    from dataclasses import replace
+
+    import torch
+
+    from megatron_mile import model as mm
+    from megatron_mile import runtime
+    from megatron_mile.attention import SDPAttention
+
+    runtime.initialize(world, 1, seed=5)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=g)
+    labels = torch.randint(0, VOCAB, (MBS, SEQ), generator=g)
+    config = mm.build_transformer_config(mm.PRESETS["tiny"], tp=world)
+    if check_default:
+        check_default(config)
+    loss, grads = _loss_and_grads(config, SDPAttention, tokens, labels)
+    stock_loss, stock_grads = _loss_and_grads(replace(config, **stock), SDPAttention, tokens, labels)
+    runtime.shutdown()
+    return {"loss": loss, "stock_loss": stock_loss, "watched_grad": float(np.abs(stock_grads[watched]).max()),
+            "grad_diff": {name: float(np.abs(grads[name] - ref).max() / np.abs(ref).max())
+                          for name, ref in stock_grads.items()}}
+
+
+def assert_matches_stock(results: list[dict], grad_tolerance: float) -> None:
+    """Same loss to fp32 rounding; every gradient within ``grad_tolerance`` of its max."""
+    for result in results:
+        np.testing.assert_allclose(result["loss"], result["stock_loss"], rtol=1e-6)
+        worst = max(result["grad_diff"].items(), key=lambda item: item[1])
+        assert worst[1] < grad_tolerance, f"gradient of {worst[0]} differs by {worst[1]:.2e} of its max"
+        assert result["watched_grad"] > 1e-4
 
 
 def _compare(rank: int, world: int, cases: list[str]) -> dict:

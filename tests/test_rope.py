@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dist_utils import run_ranks
-from test_attention import _loss_and_grads
+from test_attention import assert_matches_stock, default_against_stock
 
 from megatron_mile.rope import apply_rotary_pos_emb
 
@@ -52,39 +52,20 @@ def test_rope_matches_the_float64_rotation_and_its_transpose():
         assert not grad[..., :d].any() and not grad[..., 2 * d:].any()
 
 
-def _against_stock_rope(rank: int, world: int) -> dict:
-    """Loss and gradients of a GPTModel with megatron-mile's RoPE (the default config) and with
-    megatron-core's unfused one (``apply_rope_fusion`` off), from the same weights."""
-    from dataclasses import replace
-
+def _rope_against_stock(rank: int, world: int) -> dict:
+    """megatron-mile's RoPE (the default config) against megatron-core's unfused one."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    from megatron_mile import model as mm
     from megatron_mile import rope
-    from megatron_mile import runtime
-    from megatron_mile.attention import SDPAttention
-    from test_attention import MBS, SEQ, VOCAB
 
-    runtime.initialize(world, 1, seed=5)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=g)
-    labels = torch.randint(0, VOCAB, (MBS, SEQ), generator=g)
-    config = mm.build_transformer_config(mm.PRESETS["tiny"], tp=world)
-    assert config.apply_rope_fusion and rope_utils.fused_apply_rotary_pos_emb is rope.apply_rotary_pos_emb
-    loss, grads = _loss_and_grads(config, SDPAttention, tokens, labels)
-    stock_loss, stock_grads = _loss_and_grads(replace(config, apply_rope_fusion=False), SDPAttention, tokens, labels)
-    runtime.shutdown()
-    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
-    return {"loss": loss, "stock_loss": stock_loss, "qkv_grad": float(np.abs(stock_grads[qkv]).max()),
-            "grad_diff": {name: float(np.abs(grads[name] - ref).max() / np.abs(ref).max())
-                          for name, ref in stock_grads.items()}}
+    def check_default(config) -> None:
+        assert config.apply_rope_fusion and rope_utils.fused_apply_rotary_pos_emb is rope.apply_rotary_pos_emb
+
+    return default_against_stock(world, "decoder.layers.0.self_attention.linear_qkv.weight", check_default,
+                                 apply_rope_fusion=False)
 
 
 def test_rope_matches_megatron_core_unfused_rope_at_tp2():
-    for result in run_ranks(_against_stock_rope, 2):
-        np.testing.assert_allclose(result["loss"], result["stock_loss"], rtol=1e-6)
-        worst = max(result["grad_diff"].items(), key=lambda item: item[1])
-        # fp32 rounding (addcmul_ rounds once where the unfused ops round twice), amplified by
-        # _loss_and_grads' sharp attention: about 2e-5 of each gradient's max.
-        assert worst[1] < 1e-4, f"gradient of {worst[0]} differs by {worst[1]:.2e} of its max"
-        assert result["qkv_grad"] > 1e-4
+    # fp32 rounding (addcmul_ rounds once where the unfused ops round twice), amplified by
+    # _loss_and_grads' sharp attention: about 2e-5 of each gradient's max.
+    assert_matches_stock(run_ranks(_rope_against_stock, 2), grad_tolerance=1e-4)
