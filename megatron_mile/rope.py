@@ -18,7 +18,7 @@ the result with an empty "pass-through" slice of ``x``. Autograd then adds a ful
 for each ``torch.cat`` (forward) and each ``chunk``/slice (backward), and the slices' backward
 allocates zero-filled gradients. ``apply_rotary_pos_emb`` writes each half of the output (and
 of the gradient) in place with one ``mul`` and one ``addcmul_``, and saves only ``cos`` and
-``sin`` (``[s, 1, 1, d]``) for the backward.
+``sin`` (its halves swapped; ``[s, 1, 1, d]`` each) for the backward.
 
 megatron-core calls a fused RoPE through ``rope_utils.fused_apply_rotary_pos_emb`` when
 ``TransformerConfig.apply_rope_fusion`` is set; Transformer Engine fills that slot when it is
