@@ -148,9 +148,10 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
     dtype = torch.bfloat16 if bf16 else torch.float32
     init = torch.nn.init.normal_
     fused_swiglu = bias_swiglu_fusion and on_gpu and fused_swiglu_compiles(torch.device("cuda"), dtype)
+    te = transformer_engine_available()
     # Transformer Engine's layers keep megatron-core's RoPE; without TE, megatron_mile/rope.py's
     # version fills megatron-core's fused-RoPE slot, before the config's validation checks it.
-    local_rope_fusion = rope_fusion and not transformer_engine_available()
+    local_rope_fusion = rope_fusion and not te
     if local_rope_fusion:
         rope.fill_megatron_core_rope_slot()
     return TransformerConfig(
@@ -187,7 +188,7 @@ def build_transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, vp:
         # megatron-core's hook for an activation module on the whole FC1 output: ``block_spec``
         # puts megatron-mile's SwiGLU (one-copy backward, megatron_mile/swiglu.py) there when
         # the fused one is off.
-        use_te_activation_func=not fused_swiglu and not transformer_engine_available(),
+        use_te_activation_func=not fused_swiglu and not te,
         masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
         apply_rope_fusion=local_rope_fusion,
         gradient_accumulation_fusion=False,
